@@ -1,0 +1,212 @@
+"""Decorrelated layers: y = W (R x) + b with a decorrelation matrix R learned beside W.
+
+R is a buffer (the optimizer never sees it), initialised to the identity and kept in fp32
+even under AMP. The fused forward forms A = W R once per call and applies A to the tokens,
+so DBP costs 2 x out x d^2 per layer and step instead of one R x per token (the reference
+code's unfused way, kept as `fused=False`). Statistics come from a random subsample of the
+token rows, drawn from the layer's own generator so that they cannot shift the global RNG.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dbp.rule import STABILIZERS, VARIANCE_TERMS, VARIANTS, decor_loss, decor_step, mean_abs_corr, second_moment
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _check_options(sample_frac: float, kappa: float, decor_lr: float, variant: str,
+                   variance_term: str, stabilize: str) -> None:
+    if not 0.0 < sample_frac <= 1.0:
+        raise ValueError(f"sample_frac must be in (0, 1], got {sample_frac}")
+    if not 0.0 <= kappa <= 1.0:
+        raise ValueError(f"kappa must be in [0, 1], got {kappa}")
+    if decor_lr < 0.0:
+        raise ValueError(f"decor_lr must be >= 0, got {decor_lr}")
+    for name, value, allowed in (("variant", variant, VARIANTS),
+                                 ("variance_term", variance_term, VARIANCE_TERMS),
+                                 ("stabilize", stabilize, STABILIZERS)):
+        if value not in allowed:
+            raise ValueError(f"unknown {name} {value!r}; choose one of {allowed}")
+
+
+class DecorMixin:
+    """State and update shared by the decorrelated linear and patch-embedding layers.
+
+    Subclasses provide `_input_rows(x)` (the layer input as rows of width d) and call
+    `_collect` in their forward. The statistics are sums, so several forwards (gradient
+    accumulation) pool into one update, and ranks pool by one all-reduce.
+    """
+
+    R: Tensor
+
+    def _init_decor(self, d: int, *, fused: bool, sample_frac: float, replacement: bool,
+                    decor_lr: float, kappa: float, variant: str, variance_term: str,
+                    center: bool, stabilize: str, generator: torch.Generator | None,
+                    seed: int, device=None) -> None:
+        _check_options(sample_frac, kappa, decor_lr, variant, variance_term, stabilize)
+        self.fused, self.sample_frac, self.replacement = fused, sample_frac, replacement
+        self.decor_lr, self.kappa, self.variant = decor_lr, kappa, variant
+        self.variance_term, self.center, self.stabilize = variance_term, center, stabilize
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
+        self.register_buffer("R", torch.eye(d, dtype=torch.float32, device=device))
+        self.collecting = True  # DBP turns this off on steps that are not followed by an update
+        self.last_decor_loss: Tensor | None = None
+        self.last_mean_abs_corr: Tensor | None = None
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self._zz: Tensor | None = None
+        self._z_sum: Tensor | None = None
+        self._n = 0
+
+    def _sample(self, rows: Tensor) -> Tensor:
+        n = rows.shape[0]
+        k = max(1, round(self.sample_frac * n))
+        if k == n and not self.replacement:
+            return rows
+        if self.replacement:
+            idx = torch.randint(n, (k,), generator=self.generator)
+        else:
+            idx = torch.randperm(n, generator=self.generator)[:k]
+        return rows[idx.to(rows.device)]
+
+    @torch.no_grad()
+    def _collect(self, rows: Tensor, decorrelated: bool = False) -> None:
+        """Add the statistics of z = R x over a subsample of `rows` (x, or z if `decorrelated`)."""
+        with _no_autocast(rows.device):
+            sub = self._sample(rows.detach()).to(self.R.dtype)
+            z = sub if decorrelated else sub @ self.R.T
+            zz, z_sum = z.T @ z, z.sum(0)
+        if self._n == 0:
+            self._zz, self._z_sum = zz, z_sum
+        else:
+            self._zz += zz
+            self._z_sum += z_sum
+        self._n += z.shape[0]
+
+    def _pooled_stats(self) -> tuple[Tensor, Tensor, float]:
+        zz, z_sum, n = self._zz, self._z_sum, float(self._n)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            d = zz.shape[0]
+            buf = torch.cat([zz.flatten(), z_sum, z_sum.new_tensor([n])])
+            dist.all_reduce(buf)
+            zz, z_sum, n = buf[: d * d].view(d, d), buf[d * d: d * d + d], float(buf[-1])
+        return zz, z_sum, n
+
+    @torch.no_grad()
+    def update(self) -> Tensor | None:
+        """Apply one R step from the statistics gathered since the last update.
+
+        Returns the decorrelation loss of those statistics (None if nothing was gathered).
+        Under torch.distributed the statistics are summed over ranks first, so every rank
+        applies the same step and R stays identical everywhere. The step is computed even
+        when decor_lr = 0, so that arm pays the full cost (the overhead-only control).
+        """
+        if self._n == 0:
+            return None
+        zz, z_sum, n = self._pooled_stats()
+        self.reset_stats()
+        with _no_autocast(self.R.device):
+            x = second_moment(zz, z_sum, n, self.center)
+            self.last_decor_loss = decor_loss(x, self.kappa)
+            self.last_mean_abs_corr = mean_abs_corr(zz, z_sum, n)
+            self.R.copy_(decor_step(self.R, x, decor_lr=self.decor_lr, kappa=self.kappa,
+                                    variant=self.variant, variance_term=self.variance_term,
+                                    stabilize=self.stabilize))
+        return self.last_decor_loss
+
+    def _fused_matrix(self, w2d: Tensor) -> Tensor:
+        """A = W R in R's precision, cast back to W's dtype (autocast decides the matmul)."""
+        with _no_autocast(w2d.device):
+            return (w2d.to(self.R.dtype) @ self.R).to(w2d.dtype)
+
+    def decor_extra_repr(self) -> str:
+        return (f"fused={self.fused}, sample_frac={self.sample_frac}, decor_lr={self.decor_lr}, "
+                f"kappa={self.kappa}, variant={self.variant}, variance_term={self.variance_term}, "
+                f"center={self.center}, stabilize={self.stabilize}")
+
+
+_DEFAULTS = dict(fused=True, sample_frac=0.1, replacement=False, decor_lr=1e-3, kappa=1e-3,
+                 variant="standard", variance_term="row", center=False, stabilize="none",
+                 generator=None, seed=0)
+
+
+class DecorLinear(DecorMixin, nn.Linear):
+    """nn.Linear with input decorrelation; accepts inputs of any leading shape (..., d)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 device=None, dtype=None, **options) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
+        unknown = set(options) - set(_DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown DecorLinear options: {sorted(unknown)}")
+        self._init_decor(in_features, device=device, **{**_DEFAULTS, **options})
+
+    def fused_weight(self) -> Tensor:
+        return self._fused_matrix(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        collect = self.training and self.collecting
+        if self.fused:
+            if collect:
+                self._collect(x.reshape(-1, self.in_features))
+            return F.linear(x, self.fused_weight(), self.bias)
+        z = F.linear(x, self.R.to(x.dtype))  # R x for every token: the reference's cost
+        if collect:
+            self._collect(z.reshape(-1, self.in_features), decorrelated=True)
+        return F.linear(z, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.decor_extra_repr()}"
+
+
+class DecorPatchEmbed(DecorMixin, nn.Conv2d):
+    """Patch-embedding conv (kernel = stride = patch, no padding) with R acting on the
+    flattened (C, kh, kw) patch, so it fuses into the conv weight exactly like a linear."""
+
+    def __init__(self, in_channels: int, out_channels: int, patch_size: int | tuple[int, int],
+                 bias: bool = True, *, device=None, dtype=None, **options) -> None:
+        nn.Conv2d.__init__(self, in_channels, out_channels, patch_size, stride=patch_size,
+                           bias=bias, device=device, dtype=dtype)
+        unknown = set(options) - set(_DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown DecorPatchEmbed options: {sorted(unknown)}")
+        kh, kw = self.kernel_size
+        self._init_decor(in_channels * kh * kw, device=device, **{**_DEFAULTS, **options})
+
+    @property
+    def patch_dim(self) -> int:
+        return self.R.shape[0]
+
+    def _patches(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, H', W', C*kh*kw), flattened in the conv weight's (C, kh, kw) order."""
+        kh, kw = self.kernel_size
+        b, c, h, w = x.shape
+        hp, wp = h // kh, w // kw
+        x = x[..., : hp * kh, : wp * kw].reshape(b, c, hp, kh, wp, kw)
+        return x.permute(0, 2, 4, 1, 3, 5).reshape(b, hp, wp, c * kh * kw)
+
+    def fused_weight(self) -> Tensor:
+        w2d = self.weight.reshape(self.out_channels, -1)
+        return self._fused_matrix(w2d).reshape_as(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        collect = self.training and self.collecting
+        if self.fused:
+            if collect:
+                self._collect(self._patches(x).reshape(-1, self.patch_dim))
+            return F.conv2d(x, self.fused_weight(), self.bias, self.stride)
+        z = F.linear(self._patches(x), self.R.to(x.dtype))
+        if collect:
+            self._collect(z.reshape(-1, self.patch_dim), decorrelated=True)
+        y = F.linear(z, self.weight.reshape(self.out_channels, -1), self.bias)
+        return y.permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.decor_extra_repr()}"
