@@ -66,8 +66,8 @@ def decorrelate(model: nn.Module, include: Sequence[str], *, seed: int = 0,
         chosen.append((name, m))
     unused = [p.pattern for p, u in zip(patterns, used) if not u]
     if unused:
-        raise ValueError(f"decorrelate: pattern(s) {unused} match no module of "
-                         f"{type(model).__name__}")
+        raise ValueError(f"decorrelate: these patterns match no module of "
+                         f"{type(model).__name__}: {', '.join(unused)}")
     replaced = []
     for name, m in chosen:
         new = _decor_copy(m, name, {**layer_options, "generator": generator})

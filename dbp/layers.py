@@ -80,8 +80,9 @@ class DecorMixin:
     def _collect(self, rows: Tensor, decorrelated: bool = False) -> None:
         """Add the statistics of z = R x over a subsample of `rows` (x, or z if `decorrelated`)."""
         with _no_autocast(rows.device):
-            sub = self._sample(rows.detach()).to(self.R.dtype)
-            z = sub if decorrelated else sub @ self.R.T
+            dtype = torch.promote_types(rows.dtype, self.R.dtype)  # >= fp32 under AMP
+            sub = self._sample(rows.detach()).to(dtype)
+            z = sub if decorrelated else sub @ self.R.T.to(dtype)
             zz, z_sum = z.T @ z, z.sum(0)
         if self._n == 0:
             self._zz, self._z_sum = zz, z_sum
@@ -122,9 +123,11 @@ class DecorMixin:
         return self.last_decor_loss
 
     def _fused_matrix(self, w2d: Tensor) -> Tensor:
-        """A = W R in R's precision, cast back to W's dtype (autocast decides the matmul)."""
+        """A = W R in at least R's fp32 precision, cast back to W's dtype (under AMP,
+        autocast then decides the precision of the token matmul)."""
+        dtype = torch.promote_types(w2d.dtype, self.R.dtype)
         with _no_autocast(w2d.device):
-            return (w2d.to(self.R.dtype) @ self.R).to(w2d.dtype)
+            return (w2d.to(dtype) @ self.R.to(dtype)).to(w2d.dtype)
 
     def decor_extra_repr(self) -> str:
         return (f"fused={self.fused}, sample_frac={self.sample_frac}, decor_lr={self.decor_lr}, "

@@ -1,0 +1,60 @@
+"""Two gloo processes: R stays identical on both ranks and equals the single-process R
+computed from both ranks' batches (statistics all-reduced, not rank 0's alone)."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dbp import DecorLinear
+
+STEPS, D, ROWS = 5, 6, 32
+
+
+def _batches(rank: int, step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(ROWS, D, generator=g) @ (torch.eye(D) + 0.8)
+
+
+def _layer() -> DecorLinear:
+    torch.manual_seed(0)
+    return DecorLinear(D, 4, sample_frac=1.0, decor_lr=0.05, kappa=0.2)
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    layer = _layer()
+    for step in range(STEPS):
+        layer(_batches(rank, step))
+        layer.update()
+    torch.save(layer.R, f"{out}/R{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_allreduced_statistics_keep_ranks_identical(tmp_path):
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    r0, r1 = torch.load(tmp_path / "R0.pt"), torch.load(tmp_path / "R1.pt")
+    assert torch.equal(r0, r1)
+
+    single = _layer()
+    for step in range(STEPS):
+        single(torch.cat([_batches(0, step), _batches(1, step)]))
+        single.update()
+    torch.testing.assert_close(r0, single.R, rtol=1e-5, atol=1e-6)
+
+    rank0_only = _layer()
+    for step in range(STEPS):
+        rank0_only(_batches(0, step))
+        rank0_only.update()
+    assert (r0 - rank0_only.R).abs().max() > 1e-3  # the reference's rank-0-only R differs
