@@ -16,6 +16,16 @@ from torch import Tensor, nn
 from dbp.rule import STABILIZERS, VARIANCE_TERMS, VARIANTS, decor_loss, decor_step, mean_abs_corr, second_moment
 
 
+def patches(x: Tensor, kernel_size: tuple[int, int]) -> Tensor:
+    """(B, C, H, W) -> (B, H', W', C*kh*kw): the non-overlapping patches a kernel = stride
+    conv sees, flattened in its weight's (C, kh, kw) order (remainders dropped, as the conv)."""
+    kh, kw = kernel_size
+    b, c, h, w = x.shape
+    hp, wp = h // kh, w // kw
+    x = x[..., : hp * kh, : wp * kw].reshape(b, c, hp, kh, wp, kw)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, hp, wp, c * kh * kw)
+
+
 def _no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
@@ -188,12 +198,7 @@ class DecorPatchEmbed(DecorMixin, nn.Conv2d):
         return self.R.shape[0]
 
     def _patches(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) -> (B, H', W', C*kh*kw), flattened in the conv weight's (C, kh, kw) order."""
-        kh, kw = self.kernel_size
-        b, c, h, w = x.shape
-        hp, wp = h // kh, w // kw
-        x = x[..., : hp * kh, : wp * kw].reshape(b, c, hp, kh, wp, kw)
-        return x.permute(0, 2, 4, 1, 3, 5).reshape(b, hp, wp, c * kh * kw)
+        return patches(x, self.kernel_size)
 
     def fused_weight(self) -> Tensor:
         w2d = self.weight.reshape(self.out_channels, -1)

@@ -1,0 +1,23 @@
+# The DBP-MAE study as a DAG. Default: the embedded study on CPU.
+#   snakemake --cores all                                  # configs/default.yaml
+#   snakemake --cores all --configfile configs/paper.yaml  # paper scale (GPUs)
+# The config is validated once, here, before any job runs (dbp.config names the bad key).
+from dbp.config import ConfigError, config_from_dict
+
+configfile: "configs/default.yaml"
+
+try:
+    STUDY = config_from_dict(config)
+except ConfigError as e:
+    raise WorkflowError(f"config error: {e}")
+
+RESULTS = f"results/{STUDY.name}"
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/pretrain.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.pretrain_all.input,

@@ -1,0 +1,246 @@
+"""Typed study configuration, validated once at the edge (CLI / Snakefile).
+
+A YAML file maps onto `StudyConfig`; every unknown key, wrong type or out-of-range value
+fails at load time with a message naming the key (e.g. `pretrain.batch_size`). The library
+below this layer takes the resulting frozen dataclasses or plain values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+ENCODER_LAYERS = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+PATCH_EMBED = r"patch_embed\.proj"
+ARMS = ("bp", "dbp", "identity")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the dotted key (or file) it concerns."""
+
+
+def _require(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    kind: Literal["embedded", "imagenet"] = "embedded"
+    root: str = "data/embedded"          # embedded: made here on demand; imagenet: train/ val/
+    embedded_seed: int = 0               # generator seed of the embedded data
+    fraction: float = 1.0                # subset of train images, sampled per run seed
+    class_balanced: bool = False
+    on_error: Literal["raise", "skip"] = "raise"  # corrupt images: stop, or skip and count
+    image_size: int = 32
+    val_images: int | None = None        # first N of the sorted val list (None: all)
+    num_workers: int = 2
+
+    def validate(self, key: str) -> None:
+        _require(0.0 < self.fraction <= 1.0, f"{key}.fraction", f"must be in (0, 1], got {self.fraction}")
+        _require(self.image_size > 0, f"{key}.image_size", "must be positive")
+        _require(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0")
+        _require(self.val_images is None or self.val_images > 0, f"{key}.val_images", "must be positive")
+        if self.kind == "imagenet":
+            for split in ("train", "val"):
+                _require(Path(self.root, split).is_dir(), f"{key}.root",
+                         f"ImageNet folder {Path(self.root, split)} does not exist")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    model: str = "mae_vit_tiny_patch4_32"
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    batch_size: int = 64                 # per device and micro-step
+    accum_steps: int = 1
+    steps: int = 300                     # optimizer steps
+    blr: float = 1.6e-2                  # lr = blr * effective batch / 256
+    warmup_steps: int = 30
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    beta2: float = 0.95
+    clip_grad: float | None = None
+    eval_every: int = 15                 # validation points every N steps (shared by all arms)
+    checkpoint_every: int = 50
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA if supported
+    compile: bool = False
+
+    def validate(self, key: str) -> None:
+        _require(0.0 < self.mask_ratio < 1.0, f"{key}.mask_ratio", "must be in (0, 1)")
+        for name in ("batch_size", "accum_steps", "steps", "eval_every", "checkpoint_every"):
+            _require(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
+        _require(self.blr > 0, f"{key}.blr", "must be > 0")
+        _require(0 <= self.warmup_steps < self.steps, f"{key}.warmup_steps", "must be in [0, steps)")
+        _require(self.clip_grad is None or self.clip_grad > 0, f"{key}.clip_grad", "must be > 0 or null")
+
+
+@dataclass(frozen=True)
+class DBPConfig:
+    include: tuple[str, ...] = (ENCODER_LAYERS,)
+    patch_embed: bool = False            # also decorrelate the patch embedding
+    fused: bool = True
+    sample_frac: float = 0.1
+    replacement: bool = False
+    decor_lr: float = 1e-3
+    kappa: float = 1e-3
+    variant: Literal["standard", "normalized"] = "standard"
+    variance_term: Literal["row", "column"] = "row"
+    center: bool = False
+    stabilize: Literal["none", "project"] = "none"
+    every: int = 1                       # R update every k optimizer steps
+
+    def validate(self, key: str) -> None:
+        _require(0.0 < self.sample_frac <= 1.0, f"{key}.sample_frac", "must be in (0, 1]")
+        _require(0.0 <= self.kappa <= 1.0, f"{key}.kappa", "must be in [0, 1]")
+        _require(self.decor_lr >= 0.0, f"{key}.decor_lr", "must be >= 0")
+        _require(self.every >= 1, f"{key}.every", "must be >= 1")
+        _require(len(self.include) > 0, f"{key}.include", "needs at least one pattern")
+
+    def patterns(self) -> list[str]:
+        return [*self.include, *([PATCH_EMBED] if self.patch_embed else [])]
+
+    def layer_options(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("fused", "sample_frac", "replacement", "decor_lr",
+                                               "kappa", "variant", "variance_term", "center",
+                                               "stabilize")}
+
+
+@dataclass(frozen=True)
+class EnergyConfig:
+    enabled: bool = True
+    country_iso_code: str = "NLD"
+    measure_power_secs: float = 15.0
+    fallback_watts: float = 18.0        # used only if codecarbon fails: its own CPU+RAM estimate here
+
+    def validate(self, key: str) -> None:
+        _require(len(self.country_iso_code) == 3, f"{key}.country_iso_code", "must be ISO-3166 alpha-3")
+        _require(self.measure_power_secs > 0, f"{key}.measure_power_secs", "must be > 0")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str = "default"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    arms: tuple[str, ...] = ARMS
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    dbp: DBPConfig = field(default_factory=DBPConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
+    # per-arm overrides of the pretrain section, e.g. {"dbp": {"blr": 8e-3}} (tuned LRs)
+    arm_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def validate(self, key: str = "") -> None:
+        for a in (*self.arms, *self.arm_overrides):
+            _require(a in ARMS, "arms", f"unknown arm {a!r}; choose from {ARMS}")
+        for sub in ("data", "pretrain", "dbp", "energy"):
+            getattr(self, sub).validate(sub)
+        for arm in self.arm_overrides:
+            self.pretrain_for(arm)  # validates the merged section
+
+    def pretrain_for(self, arm: str) -> PretrainConfig:
+        """The pretrain section with this arm's overrides applied (and validated)."""
+        over = self.arm_overrides.get(arm, {})
+        cfg = _build(PretrainConfig, {**dataclasses.asdict(self.pretrain), **over},
+                     f"arm_overrides.{arm}")
+        cfg.validate(f"arm_overrides.{arm}")
+        return cfg
+
+    def dbp_for(self, arm: str) -> DBPConfig | None:
+        """DBP settings of an arm: none for BP, eta = 0 for the identity control."""
+        if arm == "bp":
+            return None
+        return self.dbp if arm == "dbp" else dataclasses.replace(self.dbp, decor_lr=0.0)
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        _require(value in args, key, f"must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], key)
+    if origin is tuple:
+        _require(isinstance(value, (list, tuple)), key, f"must be a list, got {value!r}")
+        return tuple(_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        _require(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
+        return {k: _check_type(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        _require(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if tp is Any:
+        return value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _require(ok, key, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key,
+                 f"must be an integer, got {value!r}")
+        return value
+    _require(isinstance(value, tp), key, f"must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], key: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    prefix = f"{key}." if key else ""
+    unknown = sorted(set(data) - names)
+    _require(not unknown, prefix + unknown[0] if unknown else key,
+             f"unknown key (known: {', '.join(sorted(names))})")
+    return cls(**{k: _check_type(v, hints[k], prefix + k) for k, v in data.items()})
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["pretrain.steps=50", "dbp.kappa=0.5"]` -> nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        _require(bool(sep) and bool(key), pair, "override must look like section.key=value")
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw)
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for k, v in over.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> StudyConfig:
+    """Read, merge overrides into, type-check and validate a study config."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        raw = yaml.safe_load(p.read_text()) or {}
+        _require(isinstance(raw, dict), str(p), "top level must be a mapping")
+    return config_from_dict(_merge(raw, parse_overrides(overrides or [])))
+
+
+def config_from_dict(raw: dict[str, Any]) -> StudyConfig:
+    """Type-check and validate an already-merged mapping (e.g. Snakemake's `config`)."""
+    cfg = _build(StudyConfig, raw, "")
+    cfg.validate()
+    return cfg
+
+
+def to_dict(cfg: StudyConfig) -> dict[str, Any]:
+    """Plain, YAML/JSON-serialisable form (for run.json provenance)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,64 @@
+"""Pre-training data for one run: the seeded train subset and the fixed validation set.
+
+The embedded default and a real ImageNet folder go through the same code: list the images,
+sample the subset by the run's seed, record its manifest and hash, check the files early.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dbp.datasets import ImageFolderDataset, check_readable
+from dbp.embedded import make_embedded
+from dbp.subset import list_images, manifest_hash, read_manifest, sample_subset, write_manifest
+
+
+@dataclass
+class TrainData:
+    train: ImageFolderDataset
+    val: ImageFolderDataset
+    manifest_hash: str
+    num_patches: int
+
+
+def imagenet_root(kind: str, root: str | Path, embedded_seed: int) -> Path:
+    """The ImageNet-style folder: made on demand (and cached) for the embedded default."""
+    if kind == "embedded":
+        return make_embedded(root, seed=embedded_seed) / "imagenet"
+    return Path(root)
+
+
+def train_manifest(root: Path, fraction: float, seed: int, class_balanced: bool,
+                   manifest: str | Path | None = None) -> list[str]:
+    """The run's training subset: read from `manifest` if given, else sampled by seed."""
+    if manifest is not None:
+        return read_manifest(manifest)
+    return sample_subset(list_images(root, "train"), fraction, seed, class_balanced=class_balanced)
+
+
+def prepare_pretrain_data(*, kind: str, root: str | Path, embedded_seed: int, fraction: float,
+                          class_balanced: bool, on_error: str, val_images: int | None,
+                          image_size: int, patch_size: int, seed: int,
+                          manifest: str | Path | None = None,
+                          manifest_out: Path | None = None) -> TrainData:
+    """Datasets for one run; writes the train manifest to `manifest_out` when given.
+
+    With on_error="raise" every file is checked before training, so a corrupt image stops
+    the run at start-up with its path instead of crashing it hours later.
+    """
+    folder = imagenet_root(kind, root, embedded_seed)
+    train_paths = train_manifest(folder, fraction, seed, class_balanced, manifest)
+    val_paths = list_images(folder, "val")[:val_images]
+    if not train_paths or not val_paths:
+        raise ValueError(f"{folder}: no images found under train/ or val/")
+    if on_error == "raise":
+        bad = check_readable(folder, train_paths + val_paths)
+        if bad:
+            raise ValueError(f"{len(bad)} unreadable image(s) under {folder}, e.g. {bad[:3]}; "
+                             "fix them or set data.on_error: skip")
+    if manifest_out is not None:
+        write_manifest(manifest_out, train_paths)
+    return TrainData(train=ImageFolderDataset(folder, train_paths, image_size, train=True, on_error=on_error),
+                     val=ImageFolderDataset(folder, val_paths, image_size, train=False, on_error=on_error),
+                     manifest_hash=manifest_hash(train_paths),
+                     num_patches=(image_size // patch_size) ** 2)

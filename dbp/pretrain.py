@@ -1,0 +1,314 @@
+"""MAE pre-training of one arm for one seed: the loop, the clock, energy, checkpoints.
+
+Read top to bottom: `pretrain()` builds data, model and optimizer, then alternates timed
+training segments with excluded validation (and checkpoints) on a step schedule shared by
+every arm. For a given seed every arm gets the same initial weights, batch order,
+augmentation and masks (all derived from (seed, position), never from the global RNG), so
+arms differ only in the method. Kill the process at any point and run it again: it resumes
+from the last checkpoint and, on CPU, ends with exactly the metrics of an unbroken run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from dbp import DBP, decorrelate
+from dbp.config import DataConfig, DBPConfig, EnergyConfig, PretrainConfig
+from dbp.data import TrainData, prepare_pretrain_data
+from dbp.measure import Clock, EnergyMeter, atomic_torch_save, atomic_write_json, atomic_write_text, progress_enabled, provenance
+from dbp.model import build_mae, fixed_mask_noise, mask_noise, param_groups
+from dbp.probe import InputCorrelationProbe
+
+COLUMNS = ["step", "epoch", "images_seen", "train_seconds", "eval_seconds", "checkpoint_seconds",
+           "train_loss", "val_loss", "energy_kwh", "co2_kg", "images_per_second", "lr",
+           "decor_loss", "mean_abs_corr"]
+
+
+# ----------------------------------------------------------------------------- environment
+
+def _setup_device() -> tuple[torch.device, int, int]:
+    """(device, rank, world size); joins the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local), rank, world
+    return torch.device("cpu"), rank, world
+
+
+def _autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """bf16 where supported on CUDA (no loss scaling needed), fp16 on request, else none."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if device.type == "cuda" and amp == "auto" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def _seed_int(*keys: int) -> int:
+    """A 63-bit seed from a tuple of keys (no collisions between (seed, position) pairs)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def learning_rate(step: int, peak: float, warmup: int, total: int, floor: float) -> float:
+    """Per-iteration linear warm-up then half-cosine to `floor` at `total` (MAE's recipe)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def micro_batches(data: TrainData, seed: int, start: int, batch: int, rank: int,
+                  world: int, workers: int, pin: bool) -> Iterator[tuple[int, torch.Tensor]]:
+    """Micro-batch number m and its images, from m = `start` on, forever.
+
+    Epoch e visits the subset in the order permutation(seed, e); every rank takes its slice
+    of each global batch. Position m fixes everything, so a resumed run continues exactly.
+    """
+    per_epoch = len(data.train) // (batch * world)
+    if per_epoch == 0:
+        raise ValueError(f"the training subset ({len(data.train)} images) is smaller than one "
+                         f"global batch ({batch} x {world} ranks)")
+    m = start
+    while True:
+        epoch, pos = divmod(m, per_epoch)
+        order = np.random.default_rng([seed, epoch]).permutation(len(data.train))
+        batches = [order[(b * world + rank) * batch:(b * world + rank + 1) * batch].tolist()
+                   for b in range(pos, per_epoch)]
+        data.train.set_epoch(epoch, seed)
+        loader = DataLoader(data.train, batch_sampler=batches, num_workers=workers,
+                            pin_memory=pin, persistent_workers=False)
+        for imgs, _ in loader:
+            yield m, imgs
+            m += 1
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model, data: TrainData, device, autocast_dtype, probe: InputCorrelationProbe,
+             batch: int) -> dict[str, float]:
+    """Mean loss over the fixed validation images with their fixed per-image masks, and the
+    input correlation of the probed layers on the same images (identical for every arm)."""
+    model.eval()
+    total, count = torch.zeros((), device=device, dtype=torch.float64), 0
+    loader = DataLoader(data.val, batch_size=batch, shuffle=False)
+    with probe:
+        for imgs, idx in loader:
+            imgs = imgs.to(device, non_blocking=True)
+            noise = fixed_mask_noise(idx, data.num_patches).to(device)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                loss, _, _ = model(imgs, noise)
+            total += loss.double() * len(idx)
+            count += len(idx)
+    model.train()
+    return {"val_loss": float(total) / count, **probe.result()}
+
+
+# ----------------------------------------------------------------------------- the run
+
+def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
+             cfg: PretrainConfig, dbp_cfg: DBPConfig | None, probe_patterns: list[str],
+             probe_kappa: float, energy_cfg: EnergyConfig, resolved_config: dict,
+             manifest: str | Path | None = None, stop_after: int | None = None) -> dict:
+    """Pre-train one arm for one seed into `out`; returns the final run.json content.
+
+    `manifest` fixes the train subset (else it is sampled from the data by seed).
+    `stop_after` ends the work after that many steps as a kill would (no evaluation,
+    checkpoint or final outputs), for tests of resume.
+    """
+    out = Path(out)
+    ckpt_path, final_path = out / "checkpoint.pt", out / "final.pt"
+    run_json = out / "run.json"
+    device, rank, world = _setup_device()
+    lead = rank == 0
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # ---- model: identical initial weights for every arm of a seed
+    torch.manual_seed(seed)
+    model = build_mae(cfg.model, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss)
+    driver = None
+    if dbp_cfg is not None:
+        mods = decorrelate(model, dbp_cfg.patterns(), seed=seed, **dbp_cfg.layer_options())
+        driver = DBP(mods, every=dbp_cfg.every)
+
+    # ---- data: the seed's subset (manifest recorded beside the metrics), fixed validation set
+    data = prepare_pretrain_data(
+        kind=data_cfg.kind, root=data_cfg.root, embedded_seed=data_cfg.embedded_seed,
+        fraction=data_cfg.fraction, class_balanced=data_cfg.class_balanced,
+        on_error=data_cfg.on_error, val_images=data_cfg.val_images,
+        image_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
+        seed=seed, manifest=manifest, manifest_out=out / "train_manifest.txt" if lead else None)
+    model.to(device)
+    probe = InputCorrelationProbe(model, probe_patterns, kappa=probe_kappa)
+    eff_batch = cfg.batch_size * cfg.accum_steps * world
+    peak_lr = cfg.blr * eff_batch / 256
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr,
+                            betas=(0.9, cfg.beta2), fused=device.type == "cuda")
+    amp_dtype = _autocast_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    train_model = model
+    if world > 1:  # R stays identical across ranks by all-reduce: no buffer broadcast needed
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    meter = EnergyMeter(enabled=energy_cfg.enabled and lead,
+                        country_iso_code=energy_cfg.country_iso_code,
+                        measure_power_secs=energy_cfg.measure_power_secs,
+                        fallback_watts=energy_cfg.fallback_watts, output_dir=out)
+    clock = Clock(device, meter=meter)  # energy is metered exactly while the train clock runs
+    rows: list[dict] = []
+    step, resumed_from = 0, []
+    info = {"arm": arm, "seed": seed, "status": "running", "config": resolved_config,
+            "manifest_hash": data.manifest_hash, "train_images": len(data.train),
+            "val_images": len(data.val), "world_size": world, "effective_batch": eff_batch,
+            "peak_lr": peak_lr, "autocast": str(amp_dtype), "device": str(device)}
+
+    # ---- resume
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        clock.load_state_dict(state["clock"])
+        meter.load_state_dict(state["energy"])
+        if driver is not None:
+            driver.load_state_dict(state["dbp"])
+        torch.set_rng_state(state["torch_rng"])
+        step, rows = state["step"], state["rows"]
+        resumed_from = state.get("resumed_from", []) + [step]
+        info["resumed_from"] = resumed_from
+        if lead:
+            print(f"[pretrain] resuming {arm}/seed{seed} from step {step}", flush=True)
+
+    def save_checkpoint() -> None:
+        state = {"step": step, "rows": rows, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "scaler": scaler.state_dict(), "clock": clock.state_dict(), "energy": meter.state_dict(),
+                 "dbp": driver.state_dict() if driver else None, "torch_rng": torch.get_rng_state(),
+                 "resumed_from": resumed_from}
+        atomic_torch_save(state, ckpt_path)
+
+    def record(train_loss: float, images: int, seconds: float) -> dict:
+        ev = evaluate(model, data, device, amp_dtype, probe, cfg.batch_size)
+        energy = meter.totals()
+        row = {"step": step, "epoch": step * eff_batch / len(data.train), "images_seen": step * eff_batch,
+               "train_seconds": clock.train_seconds, "eval_seconds": clock.excluded_seconds.get("eval", 0.0),
+               "checkpoint_seconds": clock.excluded_seconds.get("checkpoint", 0.0),
+               "train_loss": train_loss, "val_loss": ev["val_loss"], "energy_kwh": energy["energy_kwh"],
+               "co2_kg": energy["co2_kg"], "images_per_second": images / seconds if seconds > 0 else float("nan"),
+               "lr": opt.param_groups[0]["lr"], "decor_loss": ev["decor_loss"],
+               "mean_abs_corr": ev["mean_abs_corr"]}
+        rows.append(row)
+        if lead:
+            atomic_write_text(out / "metrics.csv", _csv(rows))
+        return row
+
+    if lead:
+        info["provenance"] = provenance()
+        atomic_write_json(run_json, info)
+    if not rows:  # step 0: the untrained model, before the clock starts
+        with clock.excluded("eval"):
+            record(float("nan"), 0, 0.0)
+
+    # ---- train: timed segments between validation points
+    stream = micro_batches(data, seed, step * cfg.accum_steps, cfg.batch_size, rank, world,
+                           data_cfg.num_workers, device.type == "cuda")
+    bar = _progress(cfg.steps, step, lead, f"{arm}/seed{seed}")
+    status = "finished"
+    while step < cfg.steps:
+        seg_end = min(cfg.steps, (step // cfg.eval_every + 1) * cfg.eval_every)
+        if stop_after is not None:
+            seg_end = min(seg_end, stop_after)
+        seg_loss, seg_steps, t0 = torch.zeros((), device=device), 0, clock.train_seconds
+        with clock.train():
+            while step < seg_end:
+                for group in opt.param_groups:
+                    group["lr"] = learning_rate(step, peak_lr, cfg.warmup_steps, cfg.steps, cfg.min_lr)
+                for _ in range(cfg.accum_steps):
+                    m, imgs = next(stream)
+                    imgs = imgs.to(device, non_blocking=True)
+                    noise = mask_noise(imgs.shape[0], data.num_patches,
+                                       torch.Generator().manual_seed(_seed_int(seed, m, rank))).to(device)
+                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                        enabled=amp_dtype is not None):
+                        loss, _, _ = train_model(imgs, noise)
+                    scaler.scale(loss / cfg.accum_steps).backward()
+                    seg_loss += loss.detach().float() / cfg.accum_steps
+                if cfg.clip_grad is not None:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                if driver is not None:
+                    driver.step()
+                step += 1
+                seg_steps += 1
+                bar.update(1)
+        if stop_after is not None and step >= stop_after and step < cfg.steps:
+            bar.close()
+            return info  # as if killed here: no eval, no checkpoint, no final outputs
+        train_loss = float(seg_loss) / seg_steps
+        with clock.excluded("eval"):
+            row = record(train_loss, seg_steps * eff_batch, clock.train_seconds - t0)
+        bar.set_postfix(loss=f"{row['val_loss']:.4f}", img_s=f"{row['images_per_second']:.0f}")
+        if not (math.isfinite(train_loss) and math.isfinite(row["val_loss"])):
+            status = "diverged"
+            info["diverged_at_step"] = step
+            break
+        if lead and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            with clock.excluded("checkpoint"):
+                save_checkpoint()
+    bar.close()
+
+    # ---- final outputs (rank 0)
+    info.update(status=status, steps_done=step, train_seconds=clock.train_seconds,
+                excluded_seconds=clock.excluded_seconds, energy=meter.totals(),
+                skipped_images=data.train.skipped)
+    if lead:
+        if status == "finished":
+            atomic_torch_save({"model_name": cfg.model, "model_kwargs": {"mask_ratio": cfg.mask_ratio,
+                               "norm_pix_loss": cfg.norm_pix_loss},
+                               "dbp": dataclasses.asdict(dbp_cfg) if dbp_cfg else None,
+                               "state_dict": model.state_dict(), "arm": arm, "seed": seed,
+                               "step": step}, final_path)
+        atomic_write_json(run_json, info)
+        print(f"[pretrain] {arm}/seed{seed}: {status} at step {step}, val_loss "
+              f"{rows[-1]['val_loss']:.4f}, train {clock.train_seconds:.1f}s", flush=True)
+    return info
+
+
+def _csv(rows: list[dict]) -> str:
+    lines = [",".join(COLUMNS)]
+    lines += [",".join(_fmt(r[c]) for c in COLUMNS) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    return repr(float(v)) if isinstance(v, float) else str(v)
+
+
+def _progress(total: int, initial: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, unit="step",
+                disable=not (enabled and progress_enabled()), dynamic_ncols=True)

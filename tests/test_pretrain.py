@@ -1,0 +1,116 @@
+"""The pre-training engine on tiny data: outputs, pairing, resume, divergence, bad files."""
+import csv
+import json
+
+import pytest
+import torch
+
+from dbp.config import load_config, to_dict
+from dbp.embedded import make_embedded
+from dbp.pretrain import COLUMNS, learning_rate, pretrain
+
+TIME_COLUMNS = {"train_seconds", "eval_seconds", "checkpoint_seconds", "energy_kwh", "co2_kg",
+                "images_per_second"}
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory):
+    root = make_embedded(tmp_path_factory.mktemp("data") / "emb", seed=0, imagenet_per_class=4,
+                         imagenet_val_per_class=1, ade_train=2, ade_val=1, image_size=32)
+    return root / "imagenet"
+
+
+def _cfg(imagenet, **over):
+    sets = ["data.kind=imagenet", f"data.root={imagenet}", "data.num_workers=0",
+            "pretrain.batch_size=8", "pretrain.steps=6", "pretrain.warmup_steps=1",
+            "pretrain.eval_every=2", "pretrain.checkpoint_every=2", "energy.enabled=false",
+            *[f"{k}={v}" for k, v in over.items()]]
+    return load_config(None, sets)
+
+
+def _run(cfg, arm, out, seed=0, **kw):
+    return pretrain(out, arm=arm, seed=seed, data_cfg=cfg.data, cfg=cfg.pretrain_for(arm),
+                    dbp_cfg=cfg.dbp_for(arm), probe_patterns=cfg.dbp.patterns(),
+                    probe_kappa=cfg.dbp.kappa, energy_cfg=cfg.energy,
+                    resolved_config=to_dict(cfg), **kw)
+
+
+def _rows(out):
+    with open(out / "metrics.csv") as f:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def test_run_writes_metrics_run_json_and_checkpoints(imagenet, tmp_path):
+    info = _run(_cfg(imagenet), "dbp", tmp_path)
+    rows = _rows(tmp_path)
+    assert list(rows[0]) == COLUMNS
+    assert [r["step"] for r in rows] == [0, 2, 4, 6]
+    assert rows[0]["train_seconds"] == 0 and rows[-1]["train_seconds"] > rows[1]["train_seconds"] > 0
+    assert rows[-1]["images_seen"] == 6 * 8
+    assert all(0.0 < r["val_loss"] < 3.0 for r in rows)
+    assert all(0.0 <= r["mean_abs_corr"] <= 1.0 for r in rows)
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]  # it learns
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["status"] == "finished" and info["status"] == "finished"
+    assert run["arm"] == "dbp" and run["seed"] == 0 and len(run["manifest_hash"]) == 64
+    assert run["train_images"] == 19 * 4 and run["config"]["pretrain"]["steps"] == 6
+    assert {"git_commit", "torch"} <= set(run["provenance"])
+    final = torch.load(tmp_path / "final.pt", weights_only=False)
+    assert any(k.endswith(".R") for k in final["state_dict"])
+    assert (tmp_path / "checkpoint.pt").exists()
+    assert len((tmp_path / "train_manifest.txt").read_text().split()) == 76
+
+
+def test_arms_are_paired_identity_equals_bp_exactly(imagenet, tmp_path):
+    cfg = _cfg(imagenet)
+    _run(cfg, "bp", tmp_path / "bp")
+    _run(cfg, "identity", tmp_path / "id")
+    _run(cfg, "dbp", tmp_path / "dbp")
+    bp, ident, dbp = (_rows(tmp_path / a) for a in ("bp", "id", "dbp"))
+    # eta = 0: W R = W exactly, and DBP's subsampling has its own RNG, so nothing shifts
+    assert [r["val_loss"] for r in bp] == [r["val_loss"] for r in ident]
+    assert [r["train_loss"] for r in bp][1:] == [r["train_loss"] for r in ident][1:]
+    assert bp[0]["val_loss"] == dbp[0]["val_loss"]  # same init, same fixed val masks
+    assert bp[-1]["val_loss"] != dbp[-1]["val_loss"]
+
+
+def test_kill_and_resume_ends_with_the_same_metrics(imagenet, tmp_path):
+    cfg = _cfg(imagenet)
+    _run(cfg, "dbp", tmp_path / "whole")
+    _run(cfg, "dbp", tmp_path / "broken", stop_after=3)  # dies after the step-2 checkpoint
+    assert not (tmp_path / "broken" / "final.pt").exists()
+    info = _run(cfg, "dbp", tmp_path / "broken")
+    assert info["resumed_from"] == [2]
+    whole, broken = _rows(tmp_path / "whole"), _rows(tmp_path / "broken")
+    for a, b in zip(whole, broken, strict=True):
+        assert {k: repr(v) for k, v in a.items() if k not in TIME_COLUMNS} == \
+               {k: repr(v) for k, v in b.items() if k not in TIME_COLUMNS}  # NaN == NaN too
+
+
+def test_divergence_stops_with_evidence(imagenet, tmp_path):
+    info = _run(_cfg(imagenet, **{"pretrain.blr": 1e4}), "bp", tmp_path)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert info["status"] == run["status"] == "diverged"
+    assert run["diverged_at_step"] in (2, 4, 6)
+    assert len(_rows(tmp_path)) >= 2 and not (tmp_path / "final.pt").exists()
+
+
+def test_corrupt_image_fails_early_or_is_skipped(imagenet, tmp_path):
+    bad_root = tmp_path / "imagenet"
+    import shutil
+    shutil.copytree(imagenet, bad_root)
+    victim = sorted((bad_root / "train").rglob("*.JPEG"))[3]
+    victim.write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=victim.name):
+        _run(_cfg(bad_root), "bp", tmp_path / "raise")
+    assert not (tmp_path / "raise" / "metrics.csv").exists()
+    info = _run(_cfg(bad_root, **{"data.on_error": "skip", "pretrain.steps": 10}), "bp",
+                tmp_path / "skip")  # 10 steps x 8 > 76 images: every file is read
+    assert info["status"] == "finished" and info["skipped_images"] == 1
+
+
+def test_learning_rate_schedule():
+    assert learning_rate(0, 1.0, 10, 100, 0.0) == pytest.approx(0.1)
+    assert learning_rate(9, 1.0, 10, 100, 0.0) == pytest.approx(1.0)
+    assert learning_rate(55, 1.0, 10, 100, 0.0) == pytest.approx(0.5)
+    assert learning_rate(100, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
