@@ -282,6 +282,8 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
     bar.close()
 
     # ---- final outputs (rank 0)
+    if world > 1 and driver is not None:
+        info["r_identical_across_ranks"] = _r_identical_across_ranks(driver, world)
     info.update(status=status, steps_done=step, train_seconds=clock.train_seconds,
                 excluded_seconds=clock.excluded_seconds, energy=meter.totals(),
                 skipped_images=data.train.skipped)
@@ -296,6 +298,14 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
         print(f"[pretrain] {arm}/seed{seed}: {status} at step {step}, val_loss "
               f"{rows[-1]['val_loss']:.4f}, train {clock.train_seconds:.1f}s", flush=True)
     return info
+
+
+def _r_identical_across_ranks(driver: DBP, world: int) -> bool:
+    """Check the all-reduce invariant: every rank holds the same R (a cheap checksum)."""
+    local = torch.stack([m.R.double().sum() for m in driver.modules]).sum()
+    sums = [torch.zeros_like(local) for _ in range(world)]
+    dist.all_gather(sums, local)
+    return all(torch.equal(s, sums[0]) for s in sums)
 
 
 def _csv(rows: list[dict]) -> str:

@@ -2,6 +2,7 @@
 # jobs see exactly the config Snakemake validated (including --config overrides).
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import yaml
@@ -9,6 +10,7 @@ from dbp.config import to_dict
 
 RESOLVED = to_dict(STUDY)
 STUDY_CONFIG = f"{RESULTS}/config.yaml"
+DBP = f"{sys.executable} -m dbp"  # the dbp CLI of the Python running Snakemake (no PATH needed)
 
 
 rule study_config:

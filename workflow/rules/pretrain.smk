@@ -22,7 +22,7 @@ rule pretrain:
         arm="|".join(STUDY.arms),
         seed=r"\d+",
     shell:
-        "OMP_NUM_THREADS={threads} dbp pretrain --config {input.config} --arm {wildcards.arm} "
+        "OMP_NUM_THREADS={threads} {DBP} pretrain --config {input.config} --arm {wildcards.arm} "
         "--seed {wildcards.seed} --out {params.out} > {log} 2>&1"
 
 
