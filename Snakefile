@@ -2,11 +2,16 @@
 #   snakemake --cores all                                  # configs/default.yaml
 #   snakemake --cores all --configfile configs/paper.yaml  # paper scale (GPUs)
 # The config is validated once, here, before any job runs (dbp.config names the bad key).
+from snakemake.utils import validate
+
 from dbp.config import ConfigError, config_from_dict
+
 
 configfile: "configs/default.yaml"
 
-try:
+
+validate(config, "workflow/schemas/study.schema.yaml")  # types and key names
+try:  # ranges, folders, sweep points
     STUDY = config_from_dict(config)
 except ConfigError as e:
     raise WorkflowError(f"config error: {e}")
@@ -14,6 +19,7 @@ except ConfigError as e:
 RESULTS = f"results/{STUDY.name}"
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"
 
 

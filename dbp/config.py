@@ -7,6 +7,7 @@ below this layer takes the resulting frozen dataclasses or plain values.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -124,6 +125,41 @@ class EnergyConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """Extra pre-training runs that the DAG expands: the cartesian product of `grid`
+    (dotted key -> values, e.g. dbp.decor_lr x dbp.kappa) for each arm in `arms`. A
+    learning-rate search is a sweep over pretrain.blr with every arm listed, so each arm
+    gets the same trials (the protocol's fair-tuning rule)."""
+    arms: tuple[str, ...] = ("dbp",)
+    grid: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    seeds: tuple[int, ...] | None = None  # default: the study's seeds
+
+    def validate(self, key: str) -> None:
+        for a in self.arms:
+            _require(a in ARMS, f"{key}.arms", f"unknown arm {a!r}; choose from {ARMS}")
+        _require(bool(self.grid), f"{key}.grid", "needs at least one key")
+        for k, values in self.grid.items():
+            _require(k.split(".")[0] in ("pretrain", "dbp") and k.count(".") == 1,
+                     f"{key}.grid.{k}", "sweep keys look like pretrain.<key> or dbp.<key>")
+            _require(len(values) > 0, f"{key}.grid.{k}", "needs at least one value")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One pre-training run family of the study: an arm, with a sweep point's overrides."""
+    run_id: str
+    arm: str
+    overrides: tuple[tuple[str, Any], ...]
+    seeds: tuple[int, ...]
+    sweep: str | None = None
+
+    def set_args(self) -> list[str]:
+        """The overrides as `dbp pretrain --set` values."""
+        return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                for k, v in self.overrides]
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     name: str = "default"
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -134,6 +170,7 @@ class StudyConfig:
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     # per-arm overrides of the pretrain section, e.g. {"dbp": {"blr": 8e-3}} (tuned LRs)
     arm_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sweeps: dict[str, SweepConfig] = field(default_factory=dict)
 
     def validate(self, key: str = "") -> None:
         for a in (*self.arms, *self.arm_overrides):
@@ -142,6 +179,37 @@ class StudyConfig:
             getattr(self, sub).validate(sub)
         for arm in self.arm_overrides:
             self.pretrain_for(arm)  # validates the merged section
+        for name, sweep in self.sweeps.items():
+            sweep.validate(f"sweeps.{name}")
+        runs = self.runs()  # every sweep point must make a valid config
+        for run in runs.values():
+            if run.overrides:
+                self.with_overrides(run)
+
+    def runs(self) -> dict[str, Run]:
+        """Every pre-training run family: the study's arms, then each sweep point."""
+        out = {a: Run(a, a, (), self.seeds) for a in self.arms}
+        for name, sweep in self.sweeps.items():
+            keys = list(sweep.grid)
+            for values in itertools.product(*(sweep.grid[k] for k in keys)):
+                for arm in sweep.arms:
+                    point = tuple(zip(keys, values))
+                    run_id = "__".join([arm, *(f"{k.split('.')[1]}={_short(v)}" for k, v in point)])
+                    _require(run_id not in out, f"sweeps.{name}", f"run {run_id} is defined twice")
+                    out[run_id] = Run(run_id, arm, point, sweep.seeds or self.seeds, name)
+        return out
+
+    def with_overrides(self, run: Run) -> StudyConfig:
+        """The study config as this run sees it (sweep overrides applied, validated)."""
+        raw = to_dict(self)
+        for k, v in run.overrides:
+            section, leaf = k.split(".")
+            raw[section][leaf] = v
+        try:
+            cfg = config_from_dict({**raw, "sweeps": {}})
+        except ConfigError as e:
+            raise ConfigError(f"sweeps.{run.sweep} point {run.run_id}: {e}") from None
+        return cfg
 
     def pretrain_for(self, arm: str) -> PretrainConfig:
         """The pretrain section with this arm's overrides applied (and validated)."""
@@ -156,6 +224,10 @@ class StudyConfig:
         if arm == "bp":
             return None
         return self.dbp if arm == "dbp" else dataclasses.replace(self.dbp, decor_lr=0.0)
+
+
+def _short(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:
@@ -239,6 +311,27 @@ def config_from_dict(raw: dict[str, Any]) -> StudyConfig:
     cfg = _build(StudyConfig, raw, "")
     cfg.validate()
     return cfg
+
+
+def json_schema(tp: Any = StudyConfig) -> dict[str, Any]:
+    """The JSON schema of a config type, derived from the dataclasses (one source of truth);
+    workflow/schemas/study.schema.yaml is this, checked in (a test keeps them equal)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return {"enum": list(args)}
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return {"anyOf": [json_schema(inner[0]), {"type": "null"}]}
+    if origin is tuple:
+        return {"type": "array", "items": json_schema(args[0])}
+    if origin is dict:
+        return {"type": "object", "additionalProperties": json_schema(args[1])}
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        return {"type": "object", "additionalProperties": False,
+                "properties": {f.name: json_schema(hints[f.name]) for f in dataclasses.fields(tp)}}
+    return {Any: {}, float: {"type": "number"}, int: {"type": "integer"}, bool: {"type": "boolean"},
+            str: {"type": "string"}}[tp]
 
 
 def to_dict(cfg: StudyConfig) -> dict[str, Any]:

@@ -126,10 +126,12 @@ def evaluate(model, data: TrainData, device, autocast_dtype, probe: InputCorrela
 def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
              cfg: PretrainConfig, dbp_cfg: DBPConfig | None, probe_patterns: list[str],
              probe_kappa: float, energy_cfg: EnergyConfig, resolved_config: dict,
-             manifest: str | Path | None = None, stop_after: int | None = None) -> dict:
+             manifest: str | Path | None = None, run_info: dict | None = None,
+             stop_after: int | None = None) -> dict:
     """Pre-train one arm for one seed into `out`; returns the final run.json content.
 
-    `manifest` fixes the train subset (else it is sampled from the data by seed).
+    `manifest` fixes the train subset (else it is sampled from the data by seed); `run_info`
+    (run id, sweep point) is recorded in run.json.
     `stop_after` ends the work after that many steps as a kill would (no evaluation,
     checkpoint or final outputs), for tests of resume.
     """
@@ -179,7 +181,7 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
     clock = Clock(device, meter=meter)  # energy is metered exactly while the train clock runs
     rows: list[dict] = []
     step, resumed_from = 0, []
-    info = {"arm": arm, "seed": seed, "status": "running", "config": resolved_config,
+    info = {**(run_info or {}), "arm": arm, "seed": seed, "status": "running", "config": resolved_config,
             "manifest_hash": data.manifest_hash, "train_images": len(data.train),
             "val_images": len(data.val), "world_size": world, "effective_batch": eff_batch,
             "peak_lr": peak_lr, "autocast": str(amp_dtype), "device": str(device)}

@@ -1,31 +1,40 @@
-# MAE pre-training: one job per arm x seed, reading the study's resolved config. Jobs take
-# all the cores they are given, so on a small machine they run one at a time and their
-# clocks do not compete.
+# MAE pre-training: one job per run family (arm or sweep point) x seed. A job takes all the
+# cores it is given, so on a small machine jobs run one at a time and their clocks do not
+# compete; a killed job resumes from its checkpoint when re-run.
 
 
 rule pretrain:
     input:
         config=STUDY_CONFIG,
+        manifest=f"{RESULTS}/manifests/pretrain_seed{{seed}}.txt",
     output:
-        metrics=f"{RESULTS}/pretrain/{{arm}}/seed{{seed}}/metrics.csv",
-        run=f"{RESULTS}/pretrain/{{arm}}/seed{{seed}}/run.json",
+        metrics=f"{RESULTS}/pretrain/{{run}}/seed{{seed}}/metrics.csv",
+        run=f"{RESULTS}/pretrain/{{run}}/seed{{seed}}/run.json",
     params:
         out=lambda w, output: Path(output.run).parent,
+        arm=lambda w: RUNS[w.run].arm,
+        launch=lambda w, resources: launch(resources.gpu),
+        sets=lambda w: " ".join(f"--set '{a}'" for a in RUNS[w.run].set_args()),
     log:
-        f"{RESULTS}/logs/pretrain/{{arm}}/seed{{seed}}.log",
+        f"{RESULTS}/logs/pretrain/{{run}}/seed{{seed}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/pretrain/{{arm}}/seed{{seed}}.tsv"
+        f"{RESULTS}/benchmarks/pretrain/{{run}}/seed{{seed}}.tsv"
     threads: workflow.cores
     resources:
+        gpu=GPUS_PER_JOB,
         mem_mb=4000,
+        runtime=60,
     wildcard_constraints:
-        arm="|".join(STUDY.arms),
+        run=one_of(RUNS),
         seed=r"\d+",
+    conda:
+        ENV
     shell:
-        "OMP_NUM_THREADS={threads} {DBP} pretrain --config {input.config} --arm {wildcards.arm} "
-        "--seed {wildcards.seed} --out {params.out} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.launch} pretrain --config {input.config} --arm {params.arm} "
+        "--run-id {wildcards.run} {params.sets} --seed {wildcards.seed} "
+        "--manifest {input.manifest} --out {params.out} > {log} 2>&1"
 
 
 rule pretrain_all:
     input:
-        expand(f"{RESULTS}/pretrain/{{arm}}/seed{{seed}}/run.json", arm=STUDY.arms, seed=STUDY.seeds),
+        pretrain_outputs(),

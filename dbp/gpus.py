@@ -1,0 +1,59 @@
+"""Give a job its own GPUs on a machine where Snakemake runs several jobs at once.
+
+Snakemake counts `gpu` resources but does not say which device a job may use. `run_on_gpus`
+claims N free devices with exclusive file locks (released when the job's process ends,
+even if it is killed), sets CUDA_VISIBLE_DEVICES and runs the command. Where a scheduler
+already chose the devices (SLURM sets CUDA_VISIBLE_DEVICES) or N = 0, it runs the command
+as it is.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+
+def device_count() -> int:
+    """GPUs on this machine, from nvidia-smi (no CUDA context is created)."""
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                         capture_output=True, text=True)
+    return len(out.stdout.split()) if out.returncode == 0 else 0
+
+
+def claim(n: int, total: int, lock_dir: Path, poll: float = 2.0) -> tuple[list[int], list]:
+    """Block until n of `total` devices are free; return their ids and the held locks."""
+    if n > total:
+        raise RuntimeError(f"job needs {n} GPUs but this machine has {total}")
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        held = []
+        for i in range(total):
+            f = open(lock_dir / f"gpu{i}.lock", "w")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append((i, f))
+            except BlockingIOError:
+                f.close()
+            if len(held) == n:
+                return [i for i, _ in held], [f for _, f in held]
+        for _, f in held:
+            f.close()
+        time.sleep(poll)
+
+
+def run_on_gpus(n: int, cmd: list[str], lock_dir: Path = Path("/tmp/dbp-gpu-locks")) -> int:
+    """Run `cmd` on n claimed GPUs (or as is; see the module docstring); its exit code."""
+    if n == 0 or "CUDA_VISIBLE_DEVICES" in os.environ:
+        return subprocess.call(cmd)
+    ids, locks = claim(n, device_count(), lock_dir)
+    try:
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, ids))}
+        return subprocess.call(cmd, env=env)
+    finally:
+        for f in locks:
+            f.close()

@@ -1,0 +1,61 @@
+# Data: the resolved config, the embedded default (made once, cached by generator seed),
+# and per seed the train-subset manifest shared by all arms of that seed (paired data).
+
+EMBEDDED = STUDY.data.kind == "embedded"
+DATA_READY = [STUDY.data.root] if EMBEDDED else []
+
+
+rule study_config:
+    output:
+        STUDY_CONFIG,
+    params:
+        digest=CONFIG_DIGEST,  # a config change re-runs everything downstream
+        resolved=RESOLVED,
+    log:
+        f"{RESULTS}/logs/study_config.log",
+    conda:
+        ENV
+    run:
+        from dbp.measure import atomic_write_text
+
+        atomic_write_text(output[0], yaml.safe_dump(params.resolved, sort_keys=False))
+
+
+if EMBEDDED:
+
+    rule embedded_data:
+        output:
+            directory(STUDY.data.root),
+        params:
+            dbp=DBP,
+            seed=STUDY.data.embedded_seed,
+        log:
+            f"{RESULTS}/logs/embedded_data.log",
+        conda:
+            ENV
+        shell:
+            "{params.dbp} data make --root {output} --seed {params.seed} > {log} 2>&1"
+
+
+rule subset_manifest:
+    input:
+        DATA_READY,
+        config=STUDY_CONFIG,
+    output:
+        f"{RESULTS}/manifests/pretrain_seed{{seed}}.txt",
+    params:
+        dbp=DBP,
+    log:
+        f"{RESULTS}/logs/manifests/pretrain_seed{{seed}}.log",
+    wildcard_constraints:
+        seed=r"\d+",
+    conda:
+        ENV
+    shell:
+        "{params.dbp} data subset --config {input.config} --seed {wildcards.seed} --out {output} > {log} 2>&1"
+
+
+rule data:
+    input:
+        expand(f"{RESULTS}/manifests/pretrain_seed{{seed}}.txt",
+               seed=sorted({s for r in RUNS.values() for s in r.seeds})),
