@@ -7,10 +7,10 @@ from snakemake.utils import validate
 from dbp.config import ConfigError, config_from_dict
 
 
-configfile: "configs/default.yaml"
+configfile: f"{workflow.basedir}/configs/default.yaml"
 
 
-validate(config, "workflow/schemas/study.schema.yaml")  # types and key names
+validate(config, f"{workflow.basedir}/workflow/schemas/study.schema.yaml")  # types and key names
 try:  # ranges, folders, sweep points
     STUDY = config_from_dict(config)
 except ConfigError as e:
@@ -21,9 +21,11 @@ RESULTS = f"results/{STUDY.name}"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     default_target: True
     input:
         rules.pretrain_all.input,
+        rules.figures.output,

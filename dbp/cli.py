@@ -5,6 +5,8 @@
     dbp pretrain --config C --arm dbp --seed 0 --out results/x/pretrain/dbp/seed0
     dbp export --pretrain-run R --out F.pth       # fused encoder of R/final.pt, for mmseg
     dbp finetune --config C --pretrained F.pth --seed S --out D   # UperNet; 'none' = scratch
+    dbp summarize --results results/default       # tables: headline, per seed, overhead, ...
+    dbp figures --results results/default         # figures into paper_figures/default/
     dbp config --config C                         # validate and print the resolved config
 """
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _cmd_pretrain(args) -> None:
     from dbp.pretrain import pretrain
     set_quiet_env()
     cfg = load_config(args.config, args.overrides)
-    sweep = dict(o.split("=", 1) for o in args.overrides)
+    sweep = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)}
     info = pretrain(args.out, arm=args.arm, seed=args.seed, data_cfg=cfg.data,
                     cfg=cfg.pretrain_for(args.arm), dbp_cfg=cfg.dbp_for(args.arm),
                     probe_patterns=cfg.dbp.patterns(), probe_kappa=cfg.dbp.kappa,
@@ -105,6 +107,20 @@ def _cmd_finetune(args) -> None:
         print(f"[finetune] {m['arm']}/seed{args.seed}: mIoU {m['mIoU']:.4f} mAcc {m['mAcc']:.4f} "
               f"aAcc {m['aAcc']:.4f} after {m['iterations']} iterations, train "
               f"{m['train_seconds']:.1f}s", flush=True)
+
+
+def _cmd_summarize(args) -> None:
+    from dbp.report import write_report
+    paths = write_report(args.results, args.study or Path(args.results).name)
+    print(f"{len(paths)} tables in {args.results}")
+
+
+def _cmd_figures(args) -> None:
+    import dbp._compat  # noqa: F401  (the MAC model builds the MAE from timm blocks)
+    from dbp.figures import write_figures
+    study = args.study or Path(args.results).name
+    paths = write_figures(args.results, args.out or Path("paper_figures") / study, study)
+    print(f"{len(paths)} figure files in {args.out or Path('paper_figures') / study}")
 
 
 def _cmd_gpus(args) -> None:
@@ -160,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: sample finetune.fraction by seed)")
     p.add_argument("--verbose", action="store_true", help="mmengine's log on the terminal too")
     p.set_defaults(func=_cmd_finetune)
+
+    for name, func, text in (("summarize", _cmd_summarize, "tables (md, tex, csv) from a study's results"),
+                             ("figures", _cmd_figures, "figures (png, pdf) from a study's results")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--results", type=Path, required=True, help="results/<study>")
+        p.add_argument("--study", help="study name for captions (default: the folder name)")
+        if name == "figures":
+            p.add_argument("--out", type=Path, help="default: paper_figures/<study>")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("gpus", help="run a command on N GPUs of its own (workstation jobs)")
     p.add_argument("n", type=int)

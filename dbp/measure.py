@@ -35,7 +35,7 @@ _UMASK = os.umask(0o022)  # read the process umask (the only portable way is to 
 os.umask(_UMASK)          # ... and restore it at once
 
 
-def _atomic_write(path: str | os.PathLike, mode: str, write: Callable[[IO], None]) -> None:
+def atomic_write(path: str | os.PathLike, mode: str, write: Callable[[IO], None]) -> None:
     """Write through a temp file in the target's directory, fsync, then os.replace.
 
     Readers see the old file or the whole new one, never a partial write; on any failure the
@@ -67,7 +67,7 @@ def _atomic_write(path: str | os.PathLike, mode: str, write: Callable[[IO], None
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Replace `path` with `text` (UTF-8) atomically."""
-    _atomic_write(path, "w", lambda f: f.write(text))
+    atomic_write(path, "w", lambda f: f.write(text))
 
 
 def _json_default(obj: Any) -> Any:
@@ -89,7 +89,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to `path` atomically: a crash mid-save never corrupts the last checkpoint."""
-    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
+    atomic_write(path, "wb", lambda f: torch.save(obj, f))
 
 
 # ----------------------------------------------------------------------------- clock

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from snakemake.settings.types import DeploymentMethod
 from dbp.config import to_dict
 from dbp.gpus import device_count
 
@@ -14,18 +15,22 @@ RESOLVED = to_dict(STUDY)
 CONFIG_DIGEST = hashlib.sha256(json.dumps(RESOLVED, sort_keys=True).encode()).hexdigest()
 RUNS = STUDY.runs()  # run id -> arm, sweep overrides, seeds
 STUDY_CONFIG = f"{RESULTS}/config.yaml"
-DBP = f"{sys.executable} -m dbp"  # the dbp CLI of the Python running Snakemake (no PATH needed)
-ENV = "dbp-mae-bench"
+ENV = "../envs/dbp.yaml"  # the jobs' software under --use-conda
+if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+    PYTHON = f"env PYTHONPATH={workflow.basedir} python"  # the env's Python, this checkout's dbp
+else:
+    PYTHON = sys.executable  # the Python running Snakemake (the venv): no PATH needed
+DBP = f"{PYTHON} -m dbp"
 # GPUs per training job unless a profile sets resources (e.g. gpu=4: torchrun in one job)
-GPUS_PER_JOB = 1 if device_count() > 0 else 0  # `conda env create -f environment.yml`; used with --use-conda
+GPUS_PER_JOB = 1 if device_count() > 0 else 0
 
 
 def launch(gpus):
     """Command prefix for a dbp job on `gpus` GPUs: its own devices on a workstation, and
     torchrun (DDP) inside the one job when it needs more than one."""
     if gpus <= 1:
-        return f"{DBP} gpus {gpus} -- {sys.executable} -m dbp"
-    return (f"{DBP} gpus {gpus} -- {sys.executable} -m torch.distributed.run --standalone "
+        return f"{DBP} gpus {gpus} -- {PYTHON} -m dbp"
+    return (f"{DBP} gpus {gpus} -- {PYTHON} -m torch.distributed.run --standalone "
             f"--nproc_per_node {gpus} -m dbp")
 
 

@@ -13,8 +13,6 @@ rule study_config:
         resolved=RESOLVED,
     log:
         f"{RESULTS}/logs/study_config.log",
-    conda:
-        ENV
     run:
         from dbp.measure import atomic_write_text
 

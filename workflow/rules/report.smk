@@ -1,0 +1,53 @@
+# Tables and figures from the runs. `report` re-makes both from whatever results exist
+# (no upstream jobs): snakemake --cores all report
+
+
+rule summarize:
+    input:
+        pretrain_outputs(),
+    output:
+        multiext(f"{RESULTS}/headline", ".md", ".tex"),
+        multiext(f"{RESULTS}/per_seed", ".md", ".tex"),
+        multiext(f"{RESULTS}/overhead", ".md", ".tex"),
+        f"{RESULTS}/time_to_target.csv",
+    params:
+        dbp=DBP,
+        results=lambda w, output: Path(output[0]).parent,
+        study=STUDY.name,
+    log:
+        f"{RESULTS}/logs/summarize.log",
+    conda:
+        ENV
+    shell:
+        "{params.dbp} summarize --results {params.results} --study {params.study} > {log} 2>&1"
+
+
+rule figures:
+    input:
+        rules.summarize.output,
+    output:
+        directory(f"paper_figures/{STUDY.name}"),
+    params:
+        dbp=DBP,
+        results=lambda w, input: Path(input[0]).parent,
+        study=STUDY.name,
+    log:
+        f"{RESULTS}/logs/figures.log",
+    conda:
+        ENV
+    shell:
+        "{params.dbp} figures --results {params.results} --study {params.study} --out {output} > {log} 2>&1"
+
+
+rule report:
+    params:
+        dbp=DBP,
+        results=RESULTS,
+        study=STUDY.name,
+    log:
+        f"{RESULTS}/logs/report.log",
+    conda:
+        ENV
+    shell:
+        "({params.dbp} summarize --results {params.results} --study {params.study} && "
+        "{params.dbp} figures --results {params.results} --study {params.study}) > {log} 2>&1"
