@@ -21,6 +21,10 @@ if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
 else:
     PYTHON = sys.executable  # the Python running Snakemake (the venv): no PATH needed
 DBP = f"{PYTHON} -m dbp"
+# Threads of a training job: every core of a local run (one job at a time, clocks do not
+# compete); on a cluster (no --cores) the profile's cpus_per_task decides, and the shell
+# command takes SLURM's allocation.
+TRAIN_THREADS = workflow._cores or 1
 # GPUs per training job unless a profile sets resources (e.g. gpu=4: torchrun in one job)
 GPUS_PER_JOB = 1 if device_count() > 0 else 0
 

@@ -19,7 +19,7 @@ rule pretrain:
         f"{RESULTS}/logs/pretrain/{{run}}/seed{{seed}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/pretrain/{{run}}/seed{{seed}}.tsv"
-    threads: workflow.cores
+    threads: TRAIN_THREADS
     resources:
         gpu=GPUS_PER_JOB,
         mem_mb=4000,
@@ -30,7 +30,7 @@ rule pretrain:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} {params.launch} pretrain --config {input.config} --arm {params.arm} "
+        "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} {params.launch} pretrain --config {input.config} --arm {params.arm} "
         "--run-id {wildcards.run} {params.sets} --seed {wildcards.seed} "
         "--manifest {input.manifest} --out {params.out} > {log} 2>&1"
 
