@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dbp import DBP, decorrelate
+from dbp.analysis import dbp_extra_macs_parts
 from dbp.model import build_mae, mask_noise, matmul_macs
 
 ENCODER = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
@@ -36,21 +37,11 @@ class Arm:
 
     def macs_extra(self, layers: list[torch.nn.Linear], tokens: int) -> dict[str, float]:
         """Analytic extra MACs per step over BP for these decorrelated layers."""
-        parts = {"fwd": 0.0, "bwd": 0.0, "stats": 0.0, "update": 0.0}
-        fused, f = self.options.get("fused", True), self.options.get("sample_frac", 0.1)
-        n_sub = max(1, round(f * tokens))
-        for m in layers:
-            d, out = m.in_features, m.out_features
-            if fused:  # A = W R, and dL/dW = dL/dA R^T
-                parts["fwd"] += out * d * d
-                parts["bwd"] += out * d * d
-            else:  # R x and R^T dL/dz for every token
-                parts["fwd"] += tokens * d * d
-                parts["bwd"] += tokens * d * d
-            if self.update:
-                # z_sub = x_sub R^T (fused only) and Z^T Z; then G R, all every k steps
-                parts["stats"] += ((2 if fused else 1) * n_sub * d * d) / self.every
-                parts["update"] += d ** 3 / self.every
+        shapes = [(m.out_features, m.in_features) for m in layers]
+        parts = dbp_extra_macs_parts(shapes, tokens, self.options.get("sample_frac", 0.1),
+                                     self.every, self.options.get("fused", True))
+        if not self.update:  # fusion only: no statistics, no R step
+            parts.update(stats=0.0, update=0.0)
         return parts
 
 

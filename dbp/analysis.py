@@ -204,23 +204,33 @@ def times_to_targets(curves: pd.DataFrame, baseline: str = BASELINE,
 
 # ----------------------------------------------------------------------------- FLOPs
 
-def dbp_extra_macs(layer_shapes: Iterable[tuple[int, int]], tokens: int, sample_frac: float,
-                   every: int, fused: bool) -> float:
-    """DBP's extra multiply-accumulates per training step, for layers of (out, d) = (output
-    width, input width) that each see `tokens` rows per step.
+def dbp_extra_macs_parts(layer_shapes: Iterable[tuple[int, int]], tokens: int,
+                         sample_frac: float, every: int, fused: bool) -> dict[str, float]:
+    """DBP's extra multiply-accumulates per training step, split as the benchmark times
+    them (fwd, bwd, stats, update), for layers of (out, d) = (output width, input width)
+    that each see `tokens` rows per step.
 
-    Fused: A = W R and the gradient dL/dA R^T (2 out d^2). Unfused: R x for every token and
-    its backward (2 tokens d^2). Statistics on the n_sub = max(1, round(f tokens)) sampled
-    rows every `every` steps: z = x R^T (fused only; unfused reuses z) and Z^T Z (n_sub d^2
-    each). Update C R (d^3) every `every` steps. Mirrors dbp.layers, which samples the same n_sub.
+    Fused: A = W R in the forward and the gradient dL/dA R^T in the backward (out d^2
+    each). Unfused: R x for every token and its backward (tokens d^2 each). Statistics on
+    the n_sub = max(1, round(f tokens)) sampled rows every `every` steps: z = x R^T (fused
+    only; unfused reuses z) and Z^T Z (n_sub d^2 each). Update C R (d^3) every `every`
+    steps. Mirrors dbp.layers, which samples the same n_sub.
     """
     n_sub = max(1, round(sample_frac * tokens))
-    total = 0.0
+    parts = {"fwd": 0.0, "bwd": 0.0, "stats": 0.0, "update": 0.0}
     for out, d in layer_shapes:
-        per_step = 2 * out * d**2 if fused else 2 * tokens * d**2
-        stats_macs = (2 if fused else 1) * n_sub * d**2
-        total += per_step + (stats_macs + d**3) / every
-    return total
+        rows = out if fused else tokens
+        parts["fwd"] += rows * d**2
+        parts["bwd"] += rows * d**2
+        parts["stats"] += (2 if fused else 1) * n_sub * d**2 / every
+        parts["update"] += d**3 / every
+    return parts
+
+
+def dbp_extra_macs(layer_shapes: Iterable[tuple[int, int]], tokens: int, sample_frac: float,
+                   every: int, fused: bool) -> float:
+    """Total of `dbp_extra_macs_parts`."""
+    return sum(dbp_extra_macs_parts(layer_shapes, tokens, sample_frac, every, fused).values())
 
 
 def add_flops(ttt: pd.DataFrame, bp_macs_per_step: float | Mapping[str, float],
