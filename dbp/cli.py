@@ -84,23 +84,21 @@ def _cmd_export(args) -> None:
 
 
 def _cmd_finetune(args) -> None:
-    import dataclasses
-
     from dbp.export import ExportError
-    from dbp.finetune_config import load_finetune_config
     from dbp.measure import set_quiet_env
     from dbp.segment import ade_root, finetune
     set_quiet_env()
-    cfg = load_finetune_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     f, e = cfg.finetune, cfg.energy
+    pretrained = None if str(args.pretrained) == "none" else args.pretrained
     try:
-        m = finetune(args.out, pretrained=None if str(args.pretrained) == "none" else args.pretrained,
+        m = finetune(args.out, pretrained=pretrained,
                      data_root=ade_root(f.kind, f.root, f.embedded_seed), seed=args.seed,
-                     model_name=f.model, preset=f.preset, iterations=f.iterations,
+                     model_name=cfg.pretrain.model, preset=f.preset, iterations=f.iterations,
                      fraction=f.fraction, manifest=args.manifest, num_workers=f.num_workers,
                      energy_enabled=e.enabled, country_iso_code=e.country_iso_code,
                      measure_power_secs=e.measure_power_secs, fallback_watts=e.fallback_watts,
-                     verbose=args.verbose, resolved_config=dataclasses.asdict(cfg))
+                     verbose=args.verbose, resolved_config=to_dict(cfg))
     except (FileNotFoundError, ExportError) as err:
         sys.exit(f"dbp finetune: {err}")
     if m:  # rank 0

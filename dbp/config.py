@@ -125,6 +125,29 @@ class EnergyConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Segmentation fine-tuning of each pre-trained encoder (UperNet through mmseg)."""
+    enabled: bool = True
+    preset: Literal["cpu_tiny", "paper"] = "cpu_tiny"  # dbp.segment.SEG_PRESETS
+    kind: Literal["embedded", "ade20k"] = "embedded"
+    root: str = "data/embedded"            # embedded: made on demand; ade20k: ADEChallengeData2016/
+    embedded_seed: int = 0
+    fraction: float = 1.0                  # of the training images; the paper: 0.10 of ADE20K
+    iterations: int | None = None          # None: the preset's, scaled by `fraction`
+    num_workers: int = 0
+
+    def validate(self, key: str) -> None:
+        _require(0.0 < self.fraction <= 1.0, f"{key}.fraction",
+                 f"must be in (0, 1], got {self.fraction}")
+        _require(self.iterations is None or self.iterations >= 1, f"{key}.iterations",
+                 "must be >= 1")
+        _require(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0")
+        if self.kind == "ade20k":
+            _require(Path(self.root, "objectInfo150.txt").is_file(), f"{key}.root",
+                     f"{self.root} is not an ADE20K folder (no objectInfo150.txt)")
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """Extra pre-training runs that the DAG expands: the cartesian product of `grid`
     (dotted key -> values, e.g. dbp.decor_lr x dbp.kappa) for each arm in `arms`. A
@@ -168,6 +191,7 @@ class StudyConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     dbp: DBPConfig = field(default_factory=DBPConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     # per-arm overrides of the pretrain section, e.g. {"dbp": {"blr": 8e-3}} (tuned LRs)
     arm_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     sweeps: dict[str, SweepConfig] = field(default_factory=dict)
@@ -175,8 +199,12 @@ class StudyConfig:
     def validate(self, key: str = "") -> None:
         for a in (*self.arms, *self.arm_overrides):
             _require(a in ARMS, "arms", f"unknown arm {a!r}; choose from {ARMS}")
-        for sub in ("data", "pretrain", "dbp", "energy"):
+        for sub in ("data", "pretrain", "dbp", "energy", "finetune"):
             getattr(self, sub).validate(sub)
+        if self.finetune.enabled:
+            from dbp.model import PRESETS
+            _require(PRESETS[self.pretrain.model]["depth"] >= 4, "pretrain.model",
+                     "fine-tuning (UperNet) needs at least 4 encoder blocks")
         for arm in self.arm_overrides:
             self.pretrain_for(arm)  # validates the merged section
         for name, sweep in self.sweeps.items():
@@ -210,6 +238,14 @@ class StudyConfig:
         except ConfigError as e:
             raise ConfigError(f"sweeps.{run.sweep} point {run.run_id}: {e}") from None
         return cfg
+
+    def finetune_arms(self) -> list[str]:
+        """Encoders to fine-tune: each pre-trained arm and "scratch" (random init, the control
+        that says whether pre-training helps at all). Not "identity": with eta = 0 its
+        encoder is bit-for-bit BP's, so its fine-tune would repeat BP's."""
+        if not self.finetune.enabled:
+            return []
+        return [a for a in self.arms if a != "identity"] + ["scratch"]
 
     def pretrain_for(self, arm: str) -> PretrainConfig:
         """The pretrain section with this arm's overrides applied (and validated)."""

@@ -38,7 +38,7 @@ def _config(name):
 def test_default_dry_run(tmp_path):
     jobs = _dry_run_jobs(tmp_path)
     assert jobs == {"all": 1, "study_config": 1, "embedded_data": 1, "subset_manifest": 3,
-                    "pretrain": 9, "summarize": 1, "figures": 1}
+                    "pretrain": 9, "export": 6, "finetune": 9, "summarize": 1, "figures": 1}
 
 
 def test_sweep_dry_runs_expand_every_point(tmp_path):
@@ -48,13 +48,17 @@ def test_sweep_dry_runs_expand_every_point(tmp_path):
     assert lr["pretrain"] == 9 + 4 * 2 * 3       # 4 trials for each of bp and dbp: fair tuning
 
 
-def test_paper_dry_run_with_fake_imagenet(tmp_path):
+def test_paper_dry_run_with_fake_imagenet_and_ade20k(tmp_path):
     for split in ("train", "val"):
         (tmp_path / "imagenet" / split / "n01440764").mkdir(parents=True)
-    jobs = _dry_run_jobs(tmp_path, "--configfile", _config("paper.yaml"),
-                         "--config", f"data={{root: {tmp_path / 'imagenet'}}}")
+    (tmp_path / "ade").mkdir()
+    (tmp_path / "ade" / "objectInfo150.txt").write_text("Idx\tRatio\tTrain\tVal\tName\n")
+    paths = tmp_path / "paths.yaml"
+    paths.write_text(yaml.safe_dump({"data": {"root": str(tmp_path / "imagenet")},
+                                     "finetune": {"root": str(tmp_path / "ade")}}))
+    jobs = _dry_run_jobs(tmp_path, "--configfile", _config("paper.yaml"), str(paths))
     assert jobs == {"all": 1, "study_config": 1, "subset_manifest": 3, "pretrain": 9,
-                    "summarize": 1, "figures": 1}
+                    "export": 6, "finetune": 9, "summarize": 1, "figures": 1}
 
 
 @pytest.mark.parametrize("override,message", [
@@ -96,6 +100,9 @@ def test_smoke_study_runs_end_to_end_and_is_then_up_to_date(tmp_path):
     for p in runs:
         info = json.loads(p.read_text())
         assert info["status"] == "finished" and info["steps_done"] == 20
+    ft = sorted((tmp_path / "results" / "smoke" / "finetune").glob("*/seed0/metrics.json"))
+    assert [p.parts[-3] for p in ft] == ["bp", "dbp", "scratch"]
+    assert all(0.0 <= json.loads(p.read_text())["mIoU"] <= 1.0 for p in ft)
     headline = (tmp_path / "results" / "smoke" / "headline.md").read_text()
     assert "21.1" in headline and "Wall-clock" in headline
     pngs = sorted(p.name for p in (tmp_path / "paper_figures" / "smoke").glob("*.png"))

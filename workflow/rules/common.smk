@@ -46,3 +46,18 @@ def one_of(names):
 def pretrain_outputs(run_ids=None):
     ids = RUNS if run_ids is None else run_ids
     return [f"{RESULTS}/pretrain/{r}/seed{s}/run.json" for r in ids for s in RUNS[r].seeds]
+
+
+DATA_READY = [STUDY.data.root] if STUDY.data.kind == "embedded" else []  # the embedded data dir
+FT = STUDY.finetune
+FT_DATA = DATA_READY if FT.kind == "embedded" and FT.root == STUDY.data.root else []
+
+
+def finetune_outputs():
+    return [f"{RESULTS}/finetune/{a}/seed{s}/metrics.json"
+            for a in STUDY.finetune_arms() for s in STUDY.seeds]
+
+
+def encoder_of(w):
+    """The exported encoder a fine-tune starts from (none for scratch)."""
+    return [] if w.arm == "scratch" else f"{RESULTS}/export/{w.arm}/seed{w.seed}/encoder.pth"

@@ -1,10 +1,6 @@
 # Data: the resolved config, the embedded default (made once, cached by generator seed),
 # and per seed the train-subset manifest shared by all arms of that seed (paired data).
 
-EMBEDDED = STUDY.data.kind == "embedded"
-DATA_READY = [STUDY.data.root] if EMBEDDED else []
-
-
 rule study_config:
     output:
         STUDY_CONFIG,
@@ -19,7 +15,7 @@ rule study_config:
         atomic_write_text(output[0], yaml.safe_dump(params.resolved, sort_keys=False))
 
 
-if EMBEDDED:
+if STUDY.data.kind == "embedded":
 
     rule embedded_data:
         output:

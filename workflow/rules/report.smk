@@ -5,6 +5,7 @@
 rule summarize:
     input:
         pretrain_outputs(),
+        finetune_outputs(),
     output:
         multiext(f"{RESULTS}/headline", ".md", ".tex"),
         multiext(f"{RESULTS}/per_seed", ".md", ".tex"),

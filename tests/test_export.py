@@ -1,0 +1,137 @@
+"""Export of the fused encoder to mmseg's MAE backbone: keys, completeness, equal features."""
+import dataclasses
+
+import pytest
+import torch
+
+from dbp.cli import main
+from dbp.config import DBPConfig
+from dbp.decorrelate import decor_modules, decorrelate
+from dbp.export import (INIT_KEY_SUFFIXES, ExportError, build_backbone, check_export,
+                        compare_features, export_encoder, to_mmseg_keys)
+from dbp.model import build_mae, encoder_state_dict
+
+MODEL = "mae_vit_tiny_patch4_32"
+
+
+def write_final_pt(path, *, dbp: bool, seed: int = 0):
+    """A pre-training run's final.pt (pretrain's format) for a perturbed tiny MAE; with DBP,
+    its R matrices are moved away from the identity. Returns the (unfused) model."""
+    torch.manual_seed(seed)
+    model = build_mae(MODEL, norm_pix_loss=True)
+    with torch.no_grad():
+        for p in model.parameters():  # non-trivial biases, norms and embeddings
+            p.add_(0.05 * torch.randn_like(p))
+    dbp_cfg = DBPConfig(patch_embed=True) if dbp else None
+    if dbp_cfg is not None:
+        decorrelate(model, dbp_cfg.patterns(), **dbp_cfg.layer_options())
+        with torch.no_grad():
+            for m in decor_modules(model):
+                m.R.add_(0.1 * torch.randn_like(m.R))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model_name": MODEL, "model_kwargs": {"mask_ratio": 0.75, "norm_pix_loss": True},
+                "dbp": dataclasses.asdict(dbp_cfg) if dbp_cfg else None,
+                "state_dict": model.state_dict(),
+                "arm": "dbp" if dbp else "bp", "seed": seed, "step": 7}, path)
+    return model.eval()
+
+
+def test_key_conversion_follows_mmseg():
+    sd = {k: torch.zeros(1) for k in (
+        "cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.norm1.bias",
+        "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.bias", "blocks.11.norm2.weight",
+        "blocks.11.mlp.fc1.weight", "blocks.11.mlp.fc2.bias", "norm.weight", "norm.bias")}
+    assert sorted(to_mmseg_keys(sd)) == sorted([
+        "cls_token", "pos_embed", "patch_embed.projection.weight", "layers.0.ln1.bias",
+        "layers.0.attn.qkv.weight", "layers.0.attn.proj.bias", "layers.11.ln2.weight",
+        "layers.11.ffn.layers.0.0.weight", "layers.11.ffn.layers.1.bias"])
+
+
+@pytest.mark.parametrize("dbp", [False, True], ids=["bp", "dbp"])
+def test_export_loads_completely_with_equal_features(tmp_path, dbp):
+    model = write_final_pt(tmp_path / "run" / "final.pt", dbp=dbp)
+    out = tmp_path / "encoder.pth"
+    info = export_encoder(tmp_path / "run" / "final.pt", out)
+    assert info["arm"] == ("dbp" if dbp else "bp") and info["step"] == 7
+    assert info["model_name"] == MODEL and len(info["source_sha256"]) == 64
+
+    # independently of the self-check: mmseg's own strict=False load reports no missing
+    # encoder weight and ignores nothing
+    saved = torch.load(out, weights_only=False)
+    backbone = build_backbone(MODEL)
+    result = backbone.load_state_dict(saved["state_dict"], strict=False)
+    assert result.unexpected_keys == []
+    assert result.missing_keys and all(k.endswith(INIT_KEY_SUFFIXES) for k in result.missing_keys)
+    assert info["check"]["loaded_keys"] == len(saved["state_dict"]) == 52
+
+    # the backbone, loaded the way mmseg does, computes the *unfused* pre-trained encoder
+    loaded = build_backbone(MODEL, checkpoint=out)
+    assert compare_features(loaded, model, seed=1) < 1e-4
+    assert info["check"]["max_abs_feature_diff"] < 1e-4
+
+
+def test_dbp_export_differs_from_its_unfused_weights(tmp_path):
+    """Guards the test above: with R away from I, dropping R would change the features."""
+    model = write_final_pt(tmp_path / "final.pt", dbp=True)
+    export_encoder(tmp_path / "final.pt", tmp_path / "enc.pth")
+    fused = torch.load(tmp_path / "enc.pth", weights_only=False)["state_dict"]
+    raw = model.state_dict()
+    assert not torch.allclose(fused["layers.0.attn.qkv.weight"], raw["blocks.0.attn.qkv.weight"])
+    assert torch.equal(fused["layers.0.attn.qkv.bias"], raw["blocks.0.attn.qkv.bias"])
+
+
+def _export_with(tmp_path, edit):
+    write_final_pt(tmp_path / "final.pt", dbp=False)
+    export_encoder(tmp_path / "final.pt", tmp_path / "good.pth")
+    ckpt = torch.load(tmp_path / "good.pth", weights_only=False)
+    edit(ckpt)
+    torch.save(ckpt, tmp_path / "bad.pth")
+    return tmp_path / "bad.pth"
+
+
+def test_check_names_a_key_mmseg_would_ignore(tmp_path):
+    def rename(ckpt):
+        sd = ckpt["state_dict"]
+        sd["blocks.0.attn.qkv.weight"] = sd.pop("layers.0.attn.qkv.weight")
+    bad = _export_with(tmp_path, rename)
+    with pytest.raises(ExportError, match=r"layers\.0\.attn\.qkv\.weight.*blocks\.0\.attn\.qkv"):
+        check_export(bad)
+
+
+def test_check_rejects_a_wrapper_mmseg_does_not_unwrap(tmp_path):
+    def rewrap(ckpt):
+        ckpt["model"] = ckpt.pop("state_dict")
+    with pytest.raises(ExportError, match="no top-level 'state_dict'"):
+        check_export(_export_with(tmp_path, rewrap))
+
+
+def test_check_rejects_wrong_shapes_and_other_features(tmp_path):
+    def shrink(ckpt):
+        ckpt["state_dict"]["pos_embed"] = ckpt["state_dict"]["pos_embed"][..., :64]
+    with pytest.raises(ExportError, match="does not fit"):
+        check_export(_export_with(tmp_path, shrink))
+    other = write_final_pt(tmp_path / "other" / "final.pt", dbp=False, seed=1)
+    with pytest.raises(ExportError, match="features differ"):
+        check_export(tmp_path / "good.pth", reference=other)
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere/final.pt"):
+        export_encoder(tmp_path / "nowhere" / "final.pt", tmp_path / "x.pth")
+    with pytest.raises(FileNotFoundError, match="absent.pth"):
+        check_export(tmp_path / "absent.pth")
+    assert not (tmp_path / "x.pth").exists()
+
+
+def test_encoder_state_dict_matches_export_apart_from_final_norm(tmp_path):
+    model = write_final_pt(tmp_path / "final.pt", dbp=False)
+    export_encoder(tmp_path / "final.pt", tmp_path / "enc.pth")
+    exported = torch.load(tmp_path / "enc.pth", weights_only=False)["state_dict"]
+    assert len(exported) == len(encoder_state_dict(model)) - 2  # norm.weight, norm.bias
+
+
+def test_cli_export(tmp_path, capsys):
+    write_final_pt(tmp_path / "run" / "final.pt", dbp=True)
+    main(["export", "--pretrain-run", str(tmp_path / "run"), "--out", str(tmp_path / "e.pth")])
+    assert "52 tensors load" in capsys.readouterr().out
+    assert (tmp_path / "e.pth").is_file()

@@ -1,0 +1,185 @@
+"""Segmentation fine-tuning: config builder, ADE-layout loader, Runner outputs, resume, checks."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mmengine.runner import IterBasedTrainLoop
+from test_export import MODEL, write_final_pt
+
+from dbp.cli import main
+from dbp.config import ConfigError, load_config
+from dbp.datasets import ADESegDataset, read_class_names
+from dbp.embedded import ADE, make_embedded
+from dbp.export import ExportError, export_encoder
+from dbp.segment import SEG_PRESETS, build_seg_config, finetune, out_indices, run_iterations
+from dbp.subset import list_ade_stems, write_manifest
+
+
+@pytest.fixture(scope="module")
+def ade(tmp_path_factory):
+    root = make_embedded(tmp_path_factory.mktemp("data") / "emb", seed=0, imagenet_per_class=1,
+                         imagenet_val_per_class=1, ade_train=8, ade_val=2, image_size=32)
+    return root / ADE
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("enc")
+    write_final_pt(d / "final.pt", dbp=True)
+    export_encoder(d / "final.pt", d / "encoder.pth")
+    return d / "encoder.pth"
+
+
+def _config(ade, tmp_path, **kw):
+    write_manifest(tmp_path / "m.txt", list_ade_stems(ade, "training")[:5])
+    args = dict(work_dir=tmp_path, ade_root=ade, train_manifest=tmp_path / "m.txt",
+                model_name=MODEL, pretrained=None, seed=0)
+    return build_seg_config(**{**args, **kw})
+
+
+def _finetune(out, ade, pretrained, **kw):
+    args = dict(pretrained=pretrained, data_root=ade, seed=0, iterations=3, fraction=1.0,
+                energy_enabled=False)
+    return finetune(out, **{**args, **kw})
+
+
+def test_out_indices_spread_over_depth():
+    assert out_indices(4) == (0, 1, 2, 3)
+    assert out_indices(12) == (3, 5, 7, 11)  # mmseg's MAE config
+    assert out_indices(6) == (1, 2, 3, 5)
+    with pytest.raises(ValueError):
+        out_indices(3)
+
+
+def test_config_takes_sizes_from_the_data_and_the_encoder(ade, tmp_path):
+    cfg = _config(ade, tmp_path, pretrained="enc.pth")
+    k = len(read_class_names(ade))
+    assert k == 19 and cfg["model"]["decode_head"]["num_classes"] == k
+    assert cfg["model"]["auxiliary_head"]["num_classes"] == k
+    bb = cfg["model"]["backbone"]
+    sizes = (bb["embed_dims"], bb["num_layers"], bb["patch_size"], bb["img_size"])
+    assert sizes == (128, 4, 4, (32, 32)) and bb["init_values"] == 1.0
+    assert bb["init_cfg"] == dict(type="Pretrained", checkpoint="enc.pth")
+    assert cfg["train_dataloader"]["dataset"]["ann_file"] == str((tmp_path / "m.txt").resolve())
+    amp = torch.cuda.is_available()
+    assert cfg["optim_wrapper"]["type"] == ("AmpOptimWrapper" if amp else "OptimWrapper")
+    assert cfg["optim_wrapper"]["paramwise_cfg"]["num_layers"] == 4
+
+
+def test_paper_preset_scales_with_the_subset(ade, tmp_path):
+    cfg = _config(ade, tmp_path, preset="paper", fraction=0.1)
+    assert cfg["train_cfg"]["max_iters"] == 16_000 and cfg["train_cfg"]["val_interval"] == 1600
+    assert cfg["param_scheduler"][0]["end"] == 150 and cfg["param_scheduler"][1]["end"] == 16_000
+    assert cfg["model"]["test_cfg"] == dict(mode="slide", crop_size=(512, 512), stride=(341, 341))
+    assert cfg["optim_wrapper"]["paramwise_cfg"]["decay_rate"] == 0.65
+    assert cfg["train_dataloader"]["batch_size"] == 16
+    assert run_iterations(SEG_PRESETS["paper"], 1.0, iterations=5) == 5
+
+
+def test_ade_loader_reduces_zero_label_and_counts_classes(ade, tmp_path):
+    from mmseg.registry import DATASETS
+    from mmseg.utils import register_all_modules
+    register_all_modules(init_default_scope=True)  # the Runner does this from the config
+    cfg = _config(ade, tmp_path)
+    train = DATASETS.build(cfg["train_dataloader"]["dataset"])
+    assert len(train) == 5  # the manifest, not the folder
+    assert train.metainfo["classes"] == tuple(read_class_names(ade))
+    val = DATASETS.build(cfg["val_dataloader"]["dataset"])
+    gt = val[0]["data_samples"].gt_sem_seg.data[0].numpy()
+    raw = ADESegDataset(ade, "validation", reduce_zero_label=False)[0][1]
+    assert (raw == 0).any()  # the fixture has ignore pixels
+    np.testing.assert_array_equal(gt == 255, raw == 0)  # 0 -> ignore
+    np.testing.assert_array_equal(gt[raw > 0], raw[raw > 0] - 1)  # k -> k - 1
+    assert gt[raw > 0].max() < 19
+
+
+def test_finetune_writes_metrics_and_stays_quiet(ade, encoder, tmp_path, capfd):
+    m = _finetune(tmp_path / "run", ade, encoder)
+    out = capfd.readouterr()
+    assert "Param groups" not in out.out + out.err and "Iter(train)" not in out.out + out.err
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(m))
+    assert 0.0 <= m["mIoU"] <= 1.0 and 0.0 <= m["aAcc"] <= 1.0 and m["iterations"] == 3
+    assert list(m["per_class_iou"]) == read_class_names(ade)
+    assert all(v is None or 0.0 <= v <= 1.0 for v in m["per_class_iou"].values())
+    assert m["train_seconds"] > 0 and m["excluded_seconds"]["eval"] > 0
+    assert m["arm"] == "dbp" and m["train_images"] == 8 and m["val_images"] == 2
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["status"] == "finished" and run["pretrained_meta"]["arm"] == "dbp"
+    assert run["resumed_from"] is None and "git_commit" in run["provenance"]
+    log = next((tmp_path / "run").glob("*/*.log")).read_text()
+    assert "Param groups" in log and "Iter(train) [3/3]" in log
+    # a finished run is not repeated
+    assert _finetune(tmp_path / "run", ade, encoder) == saved
+
+
+class Killed(Exception):
+    """A simulated kill of the process mid-training."""
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_last_checkpoint(ade, encoder, tmp_path, monkeypatch):
+    run_iter = IterBasedTrainLoop.run_iter
+
+    def killed_at_iter_2(self, data_batch):
+        if self._iter == 2:
+            raise Killed
+        run_iter(self, data_batch)
+
+    monkeypatch.setattr(IterBasedTrainLoop, "run_iter", killed_at_iter_2)
+    with pytest.raises(Killed):
+        _finetune(tmp_path, ade, encoder, iterations=4)
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "failed"
+    assert not (tmp_path / "metrics.json").exists()
+    monkeypatch.setattr(IterBasedTrainLoop, "run_iter", run_iter)
+
+    m = _finetune(tmp_path, ade, encoder, iterations=4)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["status"] == "finished" and run["resumed_from"] == 2 and m["iterations"] == 4
+    log = next(Path(run["log_dir"]).glob("*.log")).read_text()
+    assert "Iter(train) [1/4]" not in log and "Iter(train) [4/4]" in log  # only 3 and 4 ran
+
+
+@pytest.mark.slow
+def test_scratch_arm_trains_from_random_init(ade, tmp_path):
+    m = _finetune(tmp_path, ade, None)
+    assert m["arm"] == "scratch" and 0.0 <= m["mIoU"] <= 1.0
+
+
+def test_bad_pretrained_stops_before_training(ade, encoder, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        _finetune(tmp_path / "a", ade, tmp_path / "missing.pth")
+    # a pre-training checkpoint, not an export: mmseg would silently load nothing from it
+    write_final_pt(tmp_path / "final.pt", dbp=False)
+    with pytest.raises(ExportError, match=r"does not load.*pre-training checkpoint.*dbp export"):
+        _finetune(tmp_path / "b", ade, tmp_path / "final.pt")
+    ckpt = torch.load(encoder, weights_only=False)
+    ckpt["state_dict"] = {k.replace("ln1", "norm1"): v for k, v in ckpt["state_dict"].items()}
+    torch.save(ckpt, tmp_path / "renamed.pth")
+    with pytest.raises(ExportError, match=r"missing .*layers\.0\.ln1\.weight"):
+        _finetune(tmp_path / "c", ade, tmp_path / "renamed.pth")
+    with pytest.raises(ExportError, match="exported from mae_vit_tiny_patch4_32"):
+        _finetune(tmp_path / "d", ade, encoder, model_name="mae_vit_bench_patch4_32")
+    assert not list(tmp_path.glob("*/iter_*.pth"))  # nothing was trained
+
+
+def test_finetune_config_names_bad_keys(tmp_path):
+    (tmp_path / "c.yaml").write_text("pretrain: {steps: 50}\nfinetune: {fraction: 0.5}\n")
+    cfg = load_config(tmp_path / "c.yaml", ["finetune.iterations=7"])
+    assert cfg.finetune.fraction == 0.5 and cfg.finetune.iterations == 7
+    assert cfg.finetune_arms() == ["bp", "dbp", "scratch"]  # identity's encoder is BP's
+    with pytest.raises(ConfigError, match="finetune.fraction"):
+        load_config(None, ["finetune.fraction=2"])
+    with pytest.raises(ConfigError, match="finetune.lr"):
+        load_config(None, ["finetune.lr=1"])
+    with pytest.raises(ConfigError, match="finetune.root"):
+        load_config(None, ["finetune.kind=ade20k", "finetune.root=/nope"])
+
+
+def test_cli_finetune_reports_a_missing_export(ade, tmp_path):
+    with pytest.raises(SystemExit, match="missing.pth"):
+        main(["finetune", "--set", "finetune.kind=ade20k", "--set", f"finetune.root={ade}",
+              "--pretrained", str(tmp_path / "missing.pth"), "--seed", "0",
+              "--out", str(tmp_path / "run")])
