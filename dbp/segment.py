@@ -303,6 +303,7 @@ class _ClockHook(Hook):
         self.spans = contextlib.ExitStack()
         self.val_span: contextlib.AbstractContextManager | None = None
         self.training = False
+        self.validated = False
         self.resumed_from: int | None = None
 
     def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
@@ -317,6 +318,7 @@ class _ClockHook(Hook):
     def after_val(self, runner) -> None:
         self.val_span.__exit__(None, None, None)
         self.val_span = None
+        self.validated = True
 
     def after_train(self, runner) -> None:
         self.close()
@@ -324,7 +326,8 @@ class _ClockHook(Hook):
     def close(self) -> None:
         """End every open span (also after a crash, so codecarbon's task stops)."""
         if self.val_span is not None:
-            self.after_val(None)
+            self.val_span.__exit__(None, None, None)
+            self.val_span = None
         self.spans.close()
         self.training = False
 
@@ -468,6 +471,8 @@ def finetune(out_dir: str | Path, *, pretrained: str | Path | None, data_root: s
     try:
         with _to_log_file(runner.logger) if not verbose else contextlib.nullcontext():
             runner.train()
+            if not hook.validated:  # resumed at the last iteration: killed while validating
+                runner.val()
     except BaseException as e:
         hook.close()
         if is_main_process():

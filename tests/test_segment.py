@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mmengine.runner import IterBasedTrainLoop
+from mmengine.runner import IterBasedTrainLoop, ValLoop
 from test_export import MODEL, write_final_pt
 
 from dbp.cli import main
@@ -119,7 +119,6 @@ class Killed(Exception):
     """A simulated kill of the process mid-training."""
 
 
-@pytest.mark.slow
 def test_resume_continues_from_the_last_checkpoint(ade, encoder, tmp_path, monkeypatch):
     run_iter = IterBasedTrainLoop.run_iter
 
@@ -142,7 +141,21 @@ def test_resume_continues_from_the_last_checkpoint(ade, encoder, tmp_path, monke
     assert "Iter(train) [1/4]" not in log and "Iter(train) [4/4]" in log  # only 3 and 4 ran
 
 
-@pytest.mark.slow
+def test_resume_after_the_last_iteration_still_validates(ade, encoder, tmp_path, monkeypatch):
+    val_run = ValLoop.run
+
+    def killed_in_validation(self):
+        raise Killed
+
+    monkeypatch.setattr(ValLoop, "run", killed_in_validation)
+    with pytest.raises(Killed):
+        _finetune(tmp_path, ade, encoder, iterations=2)
+    monkeypatch.setattr(ValLoop, "run", val_run)
+    m = _finetune(tmp_path, ade, encoder, iterations=2)
+    assert m["iterations"] == 2 and 0.0 <= m["mIoU"] <= 1.0
+    assert json.loads((tmp_path / "run.json").read_text())["resumed_from"] == 2
+
+
 def test_scratch_arm_trains_from_random_init(ade, tmp_path):
     m = _finetune(tmp_path, ade, None)
     assert m["arm"] == "scratch" and 0.0 <= m["mIoU"] <= 1.0
