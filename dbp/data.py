@@ -18,7 +18,6 @@ class TrainData:
     train: ImageFolderDataset
     val: ImageFolderDataset
     manifest_hash: str
-    num_patches: int
 
 
 def imagenet_root(kind: str, root: str | Path, embedded_seed: int) -> Path:
@@ -38,7 +37,7 @@ def train_manifest(root: Path, fraction: float, seed: int, class_balanced: bool,
 
 def prepare_pretrain_data(*, kind: str, root: str | Path, embedded_seed: int, fraction: float,
                           class_balanced: bool, on_error: str, val_images: int | None,
-                          image_size: int, patch_size: int, seed: int,
+                          image_size: int, seed: int,
                           manifest: str | Path | None = None,
                           manifest_out: Path | None = None) -> TrainData:
     """Datasets for one run; writes the train manifest to `manifest_out` when given.
@@ -60,5 +59,4 @@ def prepare_pretrain_data(*, kind: str, root: str | Path, embedded_seed: int, fr
         write_manifest(manifest_out, train_paths)
     return TrainData(train=ImageFolderDataset(folder, train_paths, image_size, train=True, on_error=on_error),
                      val=ImageFolderDataset(folder, val_paths, image_size, train=False, on_error=on_error),
-                     manifest_hash=manifest_hash(train_paths),
-                     num_patches=(image_size // patch_size) ** 2)
+                     manifest_hash=manifest_hash(train_paths))

@@ -197,9 +197,6 @@ class DecorPatchEmbed(DecorMixin, nn.Conv2d):
     def patch_dim(self) -> int:
         return self.R.shape[0]
 
-    def _patches(self, x: Tensor) -> Tensor:
-        return patches(x, self.kernel_size)
-
     def fused_weight(self) -> Tensor:
         w2d = self.weight.reshape(self.out_channels, -1)
         return self._fused_matrix(w2d).reshape_as(self.weight)
@@ -208,9 +205,9 @@ class DecorPatchEmbed(DecorMixin, nn.Conv2d):
         collect = self.training and self.collecting
         if self.fused:
             if collect:
-                self._collect(self._patches(x).reshape(-1, self.patch_dim))
+                self._collect(patches(x, self.kernel_size).reshape(-1, self.patch_dim))
             return F.conv2d(x, self.fused_weight(), self.bias, self.stride)
-        z = F.linear(self._patches(x), self.R.to(x.dtype))
+        z = F.linear(patches(x, self.kernel_size), self.R.to(x.dtype))
         if collect:
             self._collect(z.reshape(-1, self.patch_dim), decorrelated=True)
         y = F.linear(z, self.weight.reshape(self.out_channels, -1), self.bias)

@@ -111,7 +111,7 @@ def evaluate(model, data: TrainData, device, autocast_dtype, probe: InputCorrela
     with probe:
         for imgs, idx in loader:
             imgs = imgs.to(device, non_blocking=True)
-            noise = fixed_mask_noise(idx, data.num_patches).to(device)
+            noise = fixed_mask_noise(idx, model.num_patches).to(device)
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                 enabled=autocast_dtype is not None):
                 loss, _, _ = model(imgs, noise)
@@ -156,7 +156,7 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
         kind=data_cfg.kind, root=data_cfg.root, embedded_seed=data_cfg.embedded_seed,
         fraction=data_cfg.fraction, class_balanced=data_cfg.class_balanced,
         on_error=data_cfg.on_error, val_images=data_cfg.val_images,
-        image_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
+        image_size=model.patch_embed.img_size[0],
         seed=seed, manifest=manifest, manifest_out=out / "train_manifest.txt" if lead else None)
     model.to(device)
     probe = InputCorrelationProbe(model, probe_patterns, kappa=probe_kappa)
@@ -249,7 +249,7 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
                 for _ in range(cfg.accum_steps):
                     m, imgs = next(stream)
                     imgs = imgs.to(device, non_blocking=True)
-                    noise = mask_noise(imgs.shape[0], data.num_patches,
+                    noise = mask_noise(imgs.shape[0], model.num_patches,
                                        torch.Generator().manual_seed(_seed_int(seed, m, rank))).to(device)
                     with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                         enabled=amp_dtype is not None):
