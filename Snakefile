@@ -21,6 +21,7 @@ RESULTS = f"results/{STUDY.name}"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/tuning.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/report.smk"
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dbp import DBP, decorrelate
-from dbp.analysis import dbp_extra_macs_parts
+from dbp.cost import dbp_extra_macs_parts
 from dbp.model import build_mae, mask_noise, matmul_macs
 
 ENCODER = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"

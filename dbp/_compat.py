@@ -1,4 +1,5 @@
-"""Compatibility shims for the tested stack (../shared/docs/stack.md, section 7).
+"""Compatibility shims for the tested stack (torch 2.13.0+cpu beside PyPI's torchvision
+0.28.0, mmcv-lite 2.1.0, mmsegmentation 1.2.2, mmengine 0.10.7), which does not import as is.
 
 Import this module before timm, torchvision or mmseg, in every process (fork workers inherit
 it; `dbp.model` and the segmentation code import it first). Each shim is a no-op where the

@@ -1,36 +1,40 @@
-"""A study's runs turned into the protocol's numbers: targets, time-to-target, paired statistics.
+"""A study's runs turned into the protocol's numbers (docs/protocol.md): roles, the target,
+tuning winners, time-to-target, paired statistics, budget curves, overhead and contention.
 
-Pure functions on tidy pandas tables; the loaders are the only I/O. Conventions:
-- `curves`: one row per validation point (`load_pretrain`); a run is (run_id, seed), where
-  run_id is the arm or `<arm>__<sweep point>`. Comparisons pair runs of the same seed.
-- A run that never reaches a target (or diverges first) scores inf: counted, never dropped.
-- Aggregates over seeds are medians (robust to inf) for costs and means for mIoU, with
-  percentile-bootstrap intervals over seeds; paired tests are chosen by `paired_test`.
+Pure functions on tidy pandas tables; the loaders are the only I/O, and nothing here
+imports torch: the training side writes what this side needs (role, MACs per step, CPU
+time, load) into each run's records. Conventions:
+- `runs`: one row per pre-training run (run.json); `curves`: one row per validation point.
+- A run is (run_id, seed); its role comes from run.json. Only runs with a final status
+  (finished, or diverged = a miss) are used; the others are listed by `unfinished`.
+- A cost of inf means the run never reached the target: counted, never dropped.
 """
 from __future__ import annotations
 
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
-from dbp.pretrain import COLUMNS as METRIC_COLUMNS
+from dbp import stats as S
 
 BASELINE = "bp"
 RELAXED = (0.0, 0.01, 0.02, 0.05)
-SWEEP = "sweep."  # prefix of the flattened sweep keys, e.g. "sweep.dbp.kappa"
-AT_TARGET = ("step", "images_seen", "train_seconds", "energy_kwh", "co2_kg")
-RUN_KEYS = ["run_id", "arm", "seed", "status"]
-RUN_INFO = ["effective_batch", "cpu_model", "gpu_names"]
-PRETRAIN_COLUMNS = [*RUN_KEYS, *RUN_INFO, *METRIC_COLUMNS]
+FINAL = ("finished", "diverged")
+SHARED_UTIL = 0.75  # a segment using less than this share of its threads' CPU was shared
+NOISE_TOLERANCE = 0.10  # identity's measured ratio may differ this much from its overhead
+SWEEP = "sweep."  # prefix of the flattened override columns, e.g. "sweep.pretrain.blr"
+METRICS = ["step", "train_seconds", "val_loss", "energy_kwh", "co2_kg", "images_per_second"]
+OPTIONAL = ["cpu_seconds", "cpu_util", "load_avg", "mean_abs_corr", "decor_loss", "eval_seconds"]
+RUN_KEYS = ["run_id", "arm", "seed", "role", "status"]
+COSTS = {"seconds": "wall-clock (median step time)", "train_seconds": "wall-clock (measured)",
+         "cpu_seconds": "CPU time", "step": "steps", "flops": "FLOPs", "energy_kwh": "energy"}
 FINETUNE_METRICS = ["mIoU", "mAcc", "aAcc", "iterations", "train_seconds", "energy_kwh", "co2_kg"]
-FINETUNE_COLUMNS = ["run_id", "arm", "seed", *FINETUNE_METRICS]
-IOU = "iou."  # prefix of the per-class IoU columns of the fine-tune table
+IOU = "iou."
 
 
 # ----------------------------------------------------------------------------- loading
@@ -61,41 +65,58 @@ def _read_metrics_csv(path: Path) -> pd.DataFrame:
         df = pd.read_csv(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable CSV file ({e})") from e
-    missing = [c for c in METRIC_COLUMNS if c not in df.columns]
+    missing = [c for c in METRICS if c not in df.columns]
     if missing or df.empty:
         raise ValueError(f"{path}: {'missing columns ' + str(missing) if missing else 'no rows'}")
-    bad = [c for c in METRIC_COLUMNS if not pd.api.types.is_numeric_dtype(df[c])]
+    cols = METRICS + [c for c in OPTIONAL if c in df.columns]
+    bad = [c for c in cols if not pd.api.types.is_numeric_dtype(df[c])]
     if bad:
         raise ValueError(f"{path}: non-numeric columns {bad}")
     if not df["step"].is_monotonic_increasing:
         raise ValueError(f"{path}: steps not increasing")
-    return df[METRIC_COLUMNS]
+    return df.reindex(columns=METRICS + OPTIONAL)
 
 
-def load_runs(results_dir: str | Path) -> dict[tuple[str, int], dict]:
-    """run.json of every pre-training run under `results_dir`/pretrain, by (run_id, seed)."""
-    runs = {}
+def _energy_kind(method: str) -> str:
+    """"measured" only when every joule came from a hardware counter (docs/protocol.md
+    rule 10); codecarbon's TDP x load estimate, RAM model or a fallback make it "modelled"."""
+    if method in ("", "disabled"):
+        return "none"
+    return "modelled" if any(w in method for w in ("estimated", "fallback", "none detected")) \
+        else "measured"
+
+
+def load_runs(results_dir: str | Path) -> pd.DataFrame:
+    """One row per pre-training run under `results_dir`/pretrain (from run.json)."""
+    rows = []
     for run_id, seed, d in _seed_dirs(Path(results_dir) / "pretrain"):
-        runs[run_id, seed] = _read_json(d / "run.json", ["arm", "seed", "status"], seed)
-    return runs
+        info = _read_json(d / "run.json", ["arm", "seed", "status"], seed)
+        prov, cfg = info.get("provenance", {}), info.get("config") or {}
+        rows.append({
+            "run_id": run_id, "arm": info["arm"], "seed": seed, "role": info.get("role", "adhoc"),
+            "status": info["status"], "planned_steps": (cfg.get("pretrain") or {}).get("steps"),
+            "threads": prov.get("torch_threads", 1), "cpu_model": prov.get("cpu_model", ""),
+            "gpu_names": "; ".join(prov.get("gpu_names", [])),
+            "macs_per_step": info.get("macs_per_step", math.nan),
+            "extra_macs_per_step": info.get("extra_macs_per_step", math.nan),
+            "energy_kind": _energy_kind((info.get("energy") or {}).get("method", "")),
+            "tuned": json.dumps(info.get("tuned") or {}, sort_keys=True),
+            **{SWEEP + k: _number(v) for k, v in (info.get("sweep") or {}).items()}})
+    base = [*RUN_KEYS, "planned_steps", "threads", "cpu_model", "gpu_names", "macs_per_step",
+            "extra_macs_per_step", "energy_kind", "tuned"]
+    df = pd.DataFrame(rows, columns=base + sorted({k for r in rows for k in r} - set(base)))
+    return df
 
 
-def load_pretrain(results_dir: str | Path) -> pd.DataFrame:
-    """All validation points of a study's pre-training runs, one row each (`results_dir` is
-    results/<study>). Adds run keys, provenance and the run's sweep keys as `sweep.<key>`."""
-    frames = []
-    for (run_id, seed), info in load_runs(results_dir).items():
-        df = _read_metrics_csv(Path(results_dir) / "pretrain" / run_id / f"seed{seed}" / "metrics.csv")
-        prov = info.get("provenance", {})
-        meta = {"run_id": run_id, "arm": info["arm"], "seed": seed, "status": info["status"],
-                "effective_batch": info.get("effective_batch"), "cpu_model": prov.get("cpu_model", ""),
-                "gpu_names": "; ".join(prov.get("gpu_names", [])),
-                **{SWEEP + k: _number(v) for k, v in (info.get("sweep") or {}).items()}}
-        frames.append(df.assign(**meta))
+def load_pretrain(results_dir: str | Path, runs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """All validation points of a study's pre-training runs, one row each, with run keys."""
+    runs = load_runs(results_dir) if runs is None else runs
+    frames = [_read_metrics_csv(Path(results_dir) / "pretrain" / r.run_id / f"seed{r.seed}" /
+                                "metrics.csv").assign(**{k: getattr(r, k) for k in RUN_KEYS})
+              for r in runs.itertuples()]
     if not frames:
-        return pd.DataFrame(columns=PRETRAIN_COLUMNS)
-    df = pd.concat(frames, ignore_index=True)
-    return df[PRETRAIN_COLUMNS + sorted(sweep_columns(df))]
+        return pd.DataFrame(columns=RUN_KEYS + METRICS + OPTIONAL)
+    return pd.concat(frames, ignore_index=True)[RUN_KEYS + METRICS + OPTIONAL]
 
 
 def load_finetune(results_dir: str | Path) -> pd.DataFrame:
@@ -106,11 +127,12 @@ def load_finetune(results_dir: str | Path) -> pd.DataFrame:
         rows.append({"run_id": run_id, "arm": m.get("arm", run_id.split("__")[0]), "seed": seed,
                      **{k: m[k] for k in FINETUNE_METRICS},
                      **{IOU + k: v for k, v in m["per_class_iou"].items()}})
-    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=FINETUNE_COLUMNS)
+    cols = ["run_id", "arm", "seed", *FINETUNE_METRICS]
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=cols)
 
 
 def _number(value):
-    """A sweep value as a number where it is one (the CLI records `--set` values as text)."""
+    """An override value as a number where it is one (the CLI records `--set` values as text)."""
     if not isinstance(value, str):
         return value
     for cast in (int, float):
@@ -125,39 +147,45 @@ def sweep_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c.startswith(SWEEP)]
 
 
-def is_sweep(df: pd.DataFrame) -> pd.Series:
-    """Rows of sweep points (any sweep key set), as opposed to the study's main arms."""
-    cols = sweep_columns(df)
-    return df[cols].notna().any(axis=1) if cols else pd.Series(False, index=df.index)
+def unfinished(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs without a final status: never scored, listed in the report."""
+    return runs[~runs["status"].isin(FINAL)][RUN_KEYS]
+
+
+def final(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[runs["status"].isin(FINAL)]
 
 
 # ----------------------------------------------------------------------------- per run
 
 def run_summary(curves: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: best and final validation loss, total training seconds and steps.
-
-    The final loss of a diverged run is its non-finite last point, so it is never mistaken
-    for a converged one.
-    """
+    """One row per run: best and final validation loss, training seconds and steps. The
+    final loss of a diverged run is its non-finite last point (never mistaken for a good one)."""
     c = curves.sort_values(["run_id", "seed", "step"])
     g = c.groupby(["run_id", "seed"], sort=True)
-    last = g.tail(1).reset_index(drop=True)  # group order, as `c` is sorted by the keys
-    out = last[RUN_KEYS + sweep_columns(c)].copy()
-    out["best_val_loss"] = g["val_loss"].min().to_numpy()  # skips NaN (a diverged point)
+    last = g.tail(1).reset_index(drop=True)
+    out = last[RUN_KEYS].copy()
+    out["best_val_loss"] = g["val_loss"].min().to_numpy()
     out["final_val_loss"] = last["val_loss"].to_numpy()
     out["total_train_seconds"] = last["train_seconds"].to_numpy()
+    out["total_cpu_seconds"] = last["cpu_seconds"].to_numpy()
     out["steps"] = last["step"].to_numpy()
+    out["energy_kwh"] = last["energy_kwh"].to_numpy()
     return out
 
 
-# ----------------------------------------------------------------------------- targets
+# ----------------------------------------------------------------------------- target
 
-def target_loss(curves: pd.DataFrame, baseline: str = BASELINE) -> float:
-    """Median over the baseline's seeds of each seed's best validation loss (protocol rule 1)."""
-    bests = run_summary(curves).query("run_id == @baseline")["best_val_loss"].dropna()
+def target_loss(curves: pd.DataFrame, baseline: str = BASELINE) -> tuple[float, int]:
+    """(target, n runs): the median over the baseline's finished target-setting runs of each
+    run's best validation loss (rule 1). Scored runs never enter it."""
+    s = run_summary(curves)
+    bests = s[(s["role"] == "target") & (s["arm"] == baseline) & s["status"].isin(FINAL)]
+    bests = bests["best_val_loss"].dropna()
     if bests.empty:
-        raise ValueError(f"no {baseline!r} runs with a validation loss: the target is undefined")
-    return float(bests.median())
+        raise ValueError(f"no finished {baseline!r} target-setting runs (role 'target'): "
+                         "the target is undefined")
+    return float(bests.median()), int(bests.size)
 
 
 def relaxed_targets(target: float, relax: Sequence[float] = RELAXED) -> dict[float, float]:
@@ -165,323 +193,244 @@ def relaxed_targets(target: float, relax: Sequence[float] = RELAXED) -> dict[flo
     return {r: target * (1.0 + r) for r in relax}
 
 
-def _at_target(run: pd.DataFrame, target: float, interpolate: bool) -> dict[str, float]:
-    loss = run["val_loss"].to_numpy(float)
-    hits = np.flatnonzero(loss <= target)  # NaN (diverged) never counts as reaching
-    if hits.size == 0:
-        return {"reached": False, **{c: math.inf for c in AT_TARGET}}
-    i = hits[0]
-    at = run[list(AT_TARGET)].iloc[i].to_numpy(float)
-    if interpolate and i > 0:  # loss[i - 1] > target >= loss[i], so 0 < w <= 1
-        before = run[list(AT_TARGET)].iloc[i - 1].to_numpy(float)
-        at = before + (loss[i - 1] - target) / (loss[i - 1] - loss[i]) * (at - before)
-    return {"reached": True, **dict(zip(AT_TARGET, at.tolist()))}
+# ----------------------------------------------------------------------------- tuning
+
+def tuning_table(runs: pd.DataFrame, curves: pd.DataFrame, role: str = "tuning") -> pd.DataFrame:
+    """One row per tuning trial (arm x grid point; or sweep point with role "sweep"): its
+    seeds, and the mean final validation loss over them (a diverged or unfinished trial
+    counts as inf: it can never win)."""
+    t = runs[runs["role"] == role]
+    if t.empty:
+        return pd.DataFrame(columns=["run_id", "arm", "n_seeds", "final_val_loss"])
+    s = run_summary(curves[curves["role"] == role]).set_index(["run_id", "seed"])
+    loss = [s["final_val_loss"].get((r.run_id, r.seed), math.nan) if r.status == "finished"
+            else math.inf for r in t.itertuples()]
+    t = t.assign(final_val_loss=np.where(np.isfinite(loss), loss, math.inf))
+    keys = sweep_columns(t)
+    return (t.groupby(["run_id", "arm"], sort=True)
+            .agg(**{k: (k, "first") for k in keys}, n_seeds=("seed", "size"),
+                 final_val_loss=("final_val_loss", "mean"))
+            .reset_index())
 
 
-def time_to_target(curves: pd.DataFrame, target: float, interpolate: bool = False) -> pd.DataFrame:
-    """Per run: step, images, training seconds, energy and CO2 at the first validation point
-    with val_loss <= target (a tie with the target counts as reached, at its first point).
-
-    No interpolation by default: the clock and meters are only read at validation points, so
-    the first point at or below the target is what was measured (protocol rule 1); runs are
-    scored on a grid of eval_every steps and the result is an upper bound. `interpolate=True`
-    instead interpolates every quantity linearly in val_loss between that point and the one
-    before. Not reached, or diverged before reaching: inf in every quantity, reached False.
-    """
-    rows = [{**dict(zip(RUN_KEYS, run[RUN_KEYS].iloc[0])), "target": target,
-             **_at_target(run, target, interpolate)}
-            for _, run in curves.sort_values("step").groupby(["run_id", "seed"], sort=True)]
-    return pd.DataFrame(rows, columns=[*RUN_KEYS, "target", "reached", *AT_TARGET])
-
-
-def times_to_targets(curves: pd.DataFrame, baseline: str = BASELINE,
-                     relax: Sequence[float] = RELAXED, interpolate: bool = False) -> pd.DataFrame:
-    """`time_to_target` for the strict and each relaxed target, stacked with a `relax` column."""
-    targets = relaxed_targets(target_loss(curves, baseline), relax)
-    return pd.concat([time_to_target(curves, t, interpolate).assign(relax=r)
-                      for r, t in targets.items()], ignore_index=True)
-
-
-# ----------------------------------------------------------------------------- FLOPs
-
-def dbp_extra_macs_parts(layer_shapes: Iterable[tuple[int, int]], tokens: int,
-                         sample_frac: float, every: int, fused: bool) -> dict[str, float]:
-    """DBP's extra multiply-accumulates per training step, split as the benchmark times
-    them (fwd, bwd, stats, update), for layers of (out, d) = (output width, input width)
-    that each see `tokens` rows per step.
-
-    Fused: A = W R in the forward and the gradient dL/dA R^T in the backward (out d^2
-    each). Unfused: R x for every token and its backward (tokens d^2 each). Statistics on
-    the n_sub = max(1, round(f tokens)) sampled rows every `every` steps: z = x R^T (fused
-    only; unfused reuses z) and Z^T Z (n_sub d^2 each). Update C R (d^3) every `every`
-    steps. Mirrors dbp.layers, which samples the same n_sub.
-    """
-    n_sub = max(1, round(sample_frac * tokens))
-    parts = {"fwd": 0.0, "bwd": 0.0, "stats": 0.0, "update": 0.0}
-    for out, d in layer_shapes:
-        rows = out if fused else tokens
-        parts["fwd"] += rows * d**2
-        parts["bwd"] += rows * d**2
-        parts["stats"] += (2 if fused else 1) * n_sub * d**2 / every
-        parts["update"] += d**3 / every
-    return parts
+def select_tuned(results_dir: str | Path, arms: Sequence[str], keys: Sequence[str],
+                 seeds: Sequence[int], controls: dict[str, str]) -> dict:
+    """Each arm's winning grid point: the lowest mean final validation loss over the tuning
+    seeds (rule 5; ties go to the first point in grid order). Controls copy the winner of
+    the arm they control. Every trial of every arm must be present and final."""
+    runs = load_runs(results_dir)
+    runs = runs[runs["role"] == "tuning"]
+    table = tuning_table(runs, load_pretrain(results_dir, runs))
+    chosen: dict[str, dict] = {}
+    for arm in arms:
+        mine = runs[runs["arm"] == arm]
+        missing = sorted(set(seeds) - set(mine["seed"]))
+        if mine.empty or missing:
+            raise ValueError(f"{results_dir}: tuning trials of arm {arm!r} missing for seeds "
+                             f"{missing or list(seeds)}")
+        open_runs = unfinished(mine)
+        if len(open_runs):
+            raise ValueError(f"{results_dir}: unfinished tuning trials {open_runs['run_id'].tolist()}")
+        t = table[table["arm"] == arm]
+        best = t.iloc[int(np.argmin(t["final_val_loss"].to_numpy()))]
+        chosen[arm] = {"values": {k: _plain(best[SWEEP + k]) for k in keys},
+                       "run_id": best["run_id"], "final_val_loss": float(best["final_val_loss"])}
+    for control, of in controls.items():
+        if of in chosen:
+            chosen[control] = {**chosen[of], "from": of}
+    return {"arms": chosen, "seeds": list(seeds), "keys": list(keys),
+            "table": json.loads(table.to_json(orient="records"))}
 
 
-def dbp_extra_macs(layer_shapes: Iterable[tuple[int, int]], tokens: int, sample_frac: float,
-                   every: int, fused: bool) -> float:
-    """Total of `dbp_extra_macs_parts`."""
-    return sum(dbp_extra_macs_parts(layer_shapes, tokens, sample_frac, every, fused).values())
+def _plain(v):
+    return v.item() if isinstance(v, np.generic) else v
 
 
-def add_flops(ttt: pd.DataFrame, bp_macs_per_step: float | Mapping[str, float],
-              extra_macs_per_step: Mapping[str, float]) -> pd.DataFrame:
-    """`ttt` with `flops` to target = 2 x (BP MACs + the run's extra MACs) per step x steps.
+# ----------------------------------------------------------------------------- contention
 
-    Both MAC counts may be keyed by run_id, else by arm (BP MACs may also be one number, when
-    every run trains the same model on the same batch). BP-arm runs may be absent from the
-    extra MACs (no extra work); any other missing run is an error, not a silent undercount.
-    """
-    def per_step(run_id: str, arm: str) -> float:
-        extra = _lookup(extra_macs_per_step, run_id, arm, 0.0 if arm == BASELINE else None)
-        return _lookup(bp_macs_per_step, run_id, arm) + extra
-    macs = [per_step(r, a) for r, a in zip(ttt["run_id"], ttt["arm"])]
-    return ttt.assign(flops=2.0 * np.asarray(macs, float) * ttt["step"].to_numpy(float))
-
-
-def _lookup(values: float | Mapping[str, float], run_id: str, arm: str,
-            default: float | None = None) -> float:
-    if not isinstance(values, Mapping):
-        return float(values)
-    for key in (run_id, arm):
-        if key in values:
-            return float(values[key])
-    if default is None:
-        raise KeyError(f"no MACs per step given for run {run_id!r} (arm {arm!r})")
-    return default
+def segments(curves: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per timed training segment (between validation points): steps, wall and CPU
+    seconds, seconds per step, CPU utilisation, load, and `shared` when the process got
+    less than SHARED_UTIL of its threads' CPU time (another process used the cores)."""
+    c = curves.sort_values(["run_id", "seed", "step"])
+    g = c.groupby(["run_id", "seed"], sort=False)
+    seg = c.assign(dsteps=g["step"].diff(), dwall=g["train_seconds"].diff(),
+                   dcpu=g["cpu_seconds"].diff())
+    seg = seg[seg["dsteps"] > 0].merge(runs[["run_id", "seed", "threads"]], on=["run_id", "seed"])
+    util = seg["cpu_util"].where(seg["cpu_util"].notna(), seg["dcpu"] / seg["dwall"])
+    return seg.assign(sec_per_step=seg["dwall"] / seg["dsteps"], util=util,
+                      shared=util < SHARED_UTIL * seg["threads"])[
+        [*RUN_KEYS, "step", "dsteps", "dwall", "dcpu", "sec_per_step", "util", "load_avg", "shared"]]
 
 
-# ----------------------------------------------------------------------------- statistics
-
-def _one_target(ttt: pd.DataFrame) -> pd.DataFrame:
-    """Guard: per-run tables must hold one target (filter `times_to_targets` on `relax`)."""
-    if ttt.duplicated(["run_id", "seed"]).any():
-        raise ValueError("time-to-target table holds several targets per run: filter on 'relax'")
-    return ttt
-
-
-def bootstrap_ci(values: Sequence[float], stat: Callable = np.median, n_boot: int = 10_000,
-                 level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of `stat` over seeds (resampled with replacement).
-
-    Bounds are order statistics of the resampled statistics (no interpolation), so inf
-    values (not reached) stay meaningful. One value gives the degenerate interval (x, x);
-    none gives (nan, nan).
-    """
-    x = np.asarray(values, float)
-    if x.size < 2:
-        return (float(x[0]), float(x[0])) if x.size else (math.nan, math.nan)
-    idx = np.random.default_rng(seed).integers(0, x.size, (n_boot, x.size))
-    boot = stat(x[idx], axis=1)
-    alpha = (1.0 - level) / 2
-    return (float(np.quantile(boot, alpha, method="lower")),
-            float(np.quantile(boot, 1.0 - alpha, method="higher")))
+def arm_step_seconds(seg: pd.DataFrame) -> pd.Series:
+    """Per arm: the median seconds per step over the unshared segments of its scored runs
+    (all segments where every one was shared). A busy machine for part of a study moves
+    a median over hundreds of segments very little."""
+    s = seg[seg["role"] == "scored"]
+    out = {}
+    for arm, g in s.groupby("arm"):
+        quiet = g[~g["shared"]]
+        out[arm] = float((quiet if len(quiet) else g)["sec_per_step"].median())
+    return pd.Series(out, dtype=float)
 
 
-def paired_test(diffs: Sequence[float]) -> tuple[str, float]:
-    """Two-sided paired test that per-seed differences centre on zero: (test name, p).
+# ----------------------------------------------------------------------------- time to target
 
-    Zero and NaN differences (ties, or both runs not reached) are dropped. With n >= 5
-    remaining pairs: Wilcoxon signed-rank (scipy; exact for small n without ties). It uses
-    only ranks of |d| and signs, so +-inf (one side not reached) is replaced by a finite value
-    beyond every finite |d| without changing the test. With n < 5, an exact sign test
-    (binomial, p = 1/2): no signed-rank or permutation test can reach p < 0.05 there
-    anyway, and it needs no magnitudes. No pairs left: ("none", 1.0).
-    """
-    d = np.asarray(diffs, float)
-    d = d[~np.isnan(d) & (d != 0)]
-    if d.size == 0:
-        return "none", 1.0
-    if d.size < 5:
-        return "sign", float(stats.binomtest(int((d > 0).sum()), d.size).pvalue)
-    finite = np.abs(d[np.isfinite(d)])
-    big = 2.0 * (finite.max() if finite.size else 1.0) + 1.0
-    return "wilcoxon", float(stats.wilcoxon(np.where(np.isinf(d), np.sign(d) * big, d)).pvalue)
-
-
-def paired(ttt: pd.DataFrame, run_id: str, metric: str = "train_seconds",
-           baseline: str = BASELINE) -> pd.DataFrame:
-    """Per seed run by both: the baseline's and the run's cost to target, speed-up
-    base / run and reduction 1 - run / base (inf-aware: run not reached -> speed-up 0,
-    reduction -inf; baseline not reached -> inf and 1; neither -> NaN, undefined)."""
-    _one_target(ttt)
-
-    def costs(rid: str) -> pd.Series:
-        return ttt[ttt["run_id"] == rid].set_index("seed")[metric].astype(float)
-    df = pd.concat({"base": costs(baseline), "value": costs(run_id)}, axis=1, join="inner")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        df["speedup"] = df["base"] / df["value"]
-        df["reduction"] = 1.0 - df["value"] / df["base"]
-    return df.rename_axis("seed").reset_index()
-
-
-def summarize_paired(pairs: pd.DataFrame, n_boot: int = 10_000, level: float = 0.95,
-                     seed: int = 0) -> dict:
-    """Aggregate of `paired`: speed-up = median over seeds of per-seed speed-ups with a
-    bootstrap interval; reduction = 1 - 1/speed-up (bounds mapped the same way, so both
-    tell one story); mean and spread of the per-seed values; the paired test on
-    log(base / run). Undefined pairs (neither reached) are counted in n_undefined."""
-    ok = pairs.dropna(subset=["speedup"])
-    s = ok["speedup"].to_numpy(float)
-    lo, hi = bootstrap_ci(s, np.median, n_boot, level, seed)
-    med = float(np.median(s)) if s.size else math.nan
-    with np.errstate(divide="ignore"):
-        test, p = paired_test(np.log(s))
-    return {"n_seeds": len(pairs), "n_undefined": len(pairs) - len(ok),
-            "n_not_reached": int(np.isinf(pairs["value"]).sum()),
-            "n_base_not_reached": int(np.isinf(pairs["base"]).sum()),
-            "speedup": med, "speedup_lo": lo, "speedup_hi": hi,
-            "speedup_mean": float(s.mean()) if s.size else math.nan,
-            "speedup_min": float(s.min()) if s.size else math.nan,
-            "speedup_max": float(s.max()) if s.size else math.nan,
-            "reduction": _reduction(med), "reduction_lo": _reduction(lo),
-            "reduction_hi": _reduction(hi),
-            "reduction_mean": float(ok["reduction"].mean()) if s.size else math.nan,
-            "ci_degenerate": s.size < 2, "test": test, "p_value": p}
-
-
-def _reduction(speedup: float) -> float:
-    """1 - 1/speed-up, with 0 (never reached) -> -inf."""
-    return -math.inf if speedup == 0 else 1.0 - 1.0 / speedup
-
-
-def comparisons(ttt: pd.DataFrame, run_ids: Iterable[str],
-                metrics: Sequence[str] = ("train_seconds", "energy_kwh", "co2_kg", "step"),
-                baseline: str = BASELINE, n_boot: int = 10_000, level: float = 0.95,
-                seed: int = 0) -> pd.DataFrame:
-    """`summarize_paired` for every run_id x metric against the baseline, one row each."""
-    rows = [{"run_id": r, "metric": m,
-             **summarize_paired(paired(ttt, r, m, baseline), n_boot, level, seed)}
-            for r in run_ids for m in metrics]
+def time_to_target(curves: pd.DataFrame, runs: pd.DataFrame, target: float,
+                   step_sec: pd.Series) -> pd.DataFrame:
+    """Per final scored run: first and sustained crossing of `target` (rule 7), each as
+    steps, measured wall-clock, CPU time, wall-clock at the arm's median step time
+    (`seconds`), FLOPs and energy. Never reached: inf."""
+    meta = runs.set_index(["run_id", "seed"])
+    rows = []
+    for (run_id, seed), run in curves[curves["role"] == "scored"].sort_values("step").groupby(
+            ["run_id", "seed"], sort=True):
+        r = meta.loc[(run_id, seed)]
+        if r["status"] not in FINAL:
+            continue
+        first, sustained = S.crossings(run["val_loss"].to_numpy(float), target)
+        row = {**dict(zip(RUN_KEYS, run[RUN_KEYS].iloc[0])), "target": target,
+               "planned_steps": r["planned_steps"]}
+        for name, i in (("", first), ("sustained_", sustained)):
+            row[name + "reached"] = i is not None
+            at = run.iloc[i] if i is not None else None
+            step = float(at["step"]) if at is not None else math.inf
+            row |= {name + "step": step,
+                    name + "train_seconds": float(at["train_seconds"]) if at is not None else math.inf,
+                    name + "cpu_seconds": float(at["cpu_seconds"]) if at is not None else math.inf,
+                    name + "energy_kwh": float(at["energy_kwh"]) if at is not None else math.inf,
+                    name + "seconds": step * step_sec.get(r["arm"], math.nan),
+                    name + "flops": 2.0 * (r["macs_per_step"] + r["extra_macs_per_step"]) * step}
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
-def arm_summary(ttt: pd.DataFrame, metric: str = "train_seconds", n_boot: int = 10_000,
-                level: float = 0.95, seed: int = 0) -> pd.DataFrame:
-    """Per run_id: seeds, seeds reached, median cost to target over seeds and its interval."""
+def base_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """The scored runs of the base budget (run_id = arm), not the budget ladder."""
+    return df[df["run_id"] == df["arm"]]
+
+
+def compare(ttt: pd.DataFrame, arm: str, metric: str, baseline: str = BASELINE,
+            level: float = 0.95) -> dict:
+    """The paired summary (stats.ratio_summary) of T_baseline / T_arm over seeds."""
+    b = base_runs(ttt)
+    both = b[b["arm"] == baseline].set_index("seed")[metric].to_frame("base").join(
+        b[b["arm"] == arm].set_index("seed")[metric].rename("value"), how="inner")
+    return {"arm": arm, "metric": metric, **S.ratio_summary(both["base"], both["value"], level)}
+
+
+def comparisons(ttt: pd.DataFrame, arms: Sequence[str], metrics: Sequence[str] = tuple(COSTS),
+                level: float = 0.95) -> pd.DataFrame:
+    return pd.DataFrame([compare(ttt, a, m, level=level) for a in arms for m in metrics])
+
+
+def paired_ratios(ttt: pd.DataFrame, arm: str, metric: str, baseline: str = BASELINE) -> pd.Series:
+    """Per seed: T_baseline / T_arm (inf-aware; both missed: NaN)."""
+    b = base_runs(ttt)
+    base = b[b["arm"] == baseline].set_index("seed")[metric]
+    value = b[b["arm"] == arm].set_index("seed")[metric]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (base / value).rename(arm)
+
+
+def noise_check(ttt: pd.DataFrame, step_sec: pd.Series, control: str = "identity",
+                baseline: str = BASELINE, tolerance: float = NOISE_TOLERANCE) -> pd.DataFrame:
+    """The control as a noise detector (rule 11): it makes BP's steps, so its measured
+    wall-clock ratio T_BP / T_control must sit at 1 / its step-time ratio. Per seed: the
+    measured and expected ratio and `flag` when they differ by more than `tolerance`."""
+    if control not in set(ttt["arm"]) or baseline not in step_sec or control not in step_sec:
+        return pd.DataFrame(columns=["seed", "measured", "expected", "flag"])
+    expected = step_sec[baseline] / step_sec[control]
+    measured = paired_ratios(ttt, control, "train_seconds", baseline).dropna()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        off = np.abs(np.log(measured.to_numpy(float) / expected))
+    return pd.DataFrame({"seed": measured.index, "measured": measured.to_numpy(float),
+                         "expected": expected, "flag": ~(off <= math.log1p(tolerance))})
+
+
+# ----------------------------------------------------------------------------- budgets
+
+def budget_curves(runs: pd.DataFrame, curves: pd.DataFrame, step_sec: pd.Series) -> pd.DataFrame:
+    """Per final scored run of every budget: its planned steps, final validation loss (a
+    fully decayed schedule) and training time, measured and at the arm's median step time."""
+    s = run_summary(curves[curves["role"] == "scored"])
+    s = s[s["status"].isin(FINAL)].merge(runs[["run_id", "seed", "planned_steps"]], on=["run_id", "seed"])
+    return s.assign(seconds=s["planned_steps"] * s["arm"].map(step_sec),
+                    final_val_loss=s["final_val_loss"].where(s["status"] == "finished", math.inf))[
+        ["run_id", "arm", "seed", "planned_steps", "seconds", "total_train_seconds", "final_val_loss"]]
+
+
+def budget_time_to_target(bc: pd.DataFrame, target: float) -> pd.DataFrame:
+    """Per arm and seed with more than one budget: where its budget curve (final loss of
+    fully decayed runs against time at the median step time) reaches the target (rule 9)."""
     rows = []
-    for run_id, g in _one_target(ttt).groupby("run_id", sort=False):
-        x = g[metric].to_numpy(float)
-        lo, hi = bootstrap_ci(x, np.median, n_boot, level, seed)
-        rows.append({"run_id": run_id, "arm": g["arm"].iloc[0], "n_seeds": x.size,
-                     "n_reached": int(g["reached"].sum()), "median": float(np.median(x)),
-                     "lo": lo, "hi": hi})
-    return pd.DataFrame(rows, columns=["run_id", "arm", "n_seeds", "n_reached", "median", "lo", "hi"])
+    for (arm, seed), g in bc.groupby(["arm", "seed"], sort=True):
+        if len(g) < 2:
+            continue
+        g = g.sort_values("planned_steps")
+        t, kind = S.curve_crossing(g["seconds"], g["final_val_loss"], target)
+        rows.append({"arm": arm, "seed": seed, "budgets": len(g), "seconds": t, "kind": kind})
+    return pd.DataFrame(rows, columns=["arm", "seed", "budgets", "seconds", "kind"])
+
+
+def equal_time(bc: pd.DataFrame, arm: str, baseline: str = BASELINE) -> pd.DataFrame:
+    """At each baseline budget (its time at the median step time): the baseline's final loss,
+    and the arm's final loss at the same time read off the arm's budget curve (each arm's
+    schedule decayed to its own budget; NaN outside the arm's budgets)."""
+    rows = []
+    for seed, g in bc.groupby("seed", sort=True):
+        mine = g[g["arm"] == arm].sort_values("seconds")
+        if len(mine) < 2:
+            continue
+        for r in g[g["arm"] == baseline].sort_values("seconds").itertuples():
+            loss = S.value_at(mine["seconds"], mine["final_val_loss"], r.seconds)
+            rows.append({"seed": seed, "baseline_steps": r.planned_steps, "seconds": r.seconds,
+                         "baseline_loss": r.final_val_loss, "arm_loss": loss,
+                         "diff": loss - r.final_val_loss})
+    return pd.DataFrame(rows, columns=["seed", "baseline_steps", "seconds", "baseline_loss",
+                                       "arm_loss", "diff"])
 
 
 # ----------------------------------------------------------------------------- overhead
 
-def step_seconds(curves: pd.DataFrame) -> pd.DataFrame:
-    """Per run: median over validation segments of training seconds per step, and median
-    images/s (medians resist the odd slow segment; a run with only step 0 gives NaN)."""
-    def per_run(run: pd.DataFrame) -> pd.Series:
-        ds, dt = run["step"].diff(), run["train_seconds"].diff()
-        seg = ds > 0
-        return pd.Series({"sec_per_step": (dt[seg] / ds[seg]).median(),
-                          "images_per_second": run.loc[run["step"] > 0, "images_per_second"].median()})
-    c = curves.sort_values("step")
-    out = c.groupby(["run_id", "seed"], sort=True)[["step", "train_seconds", "images_per_second"]]
-    return out.apply(per_run).reset_index()
-
-
-def overhead(curves: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
-    """Per run_id: median s/step and images/s over seeds, and the step-time ratio to the
-    baseline paired by seed (median, min, max over seeds)."""
-    per = step_seconds(curves)
-    base = per[per["run_id"] == baseline].set_index("seed")["sec_per_step"]
+def overhead(seg: pd.DataFrame, runs: pd.DataFrame, curves: pd.DataFrame,
+             baseline: str = BASELINE) -> pd.DataFrame:
+    """Per arm (scored runs): median seconds per step and its ratio to the baseline's,
+    per-seed paired ratios (min, max), images/s, CPU utilisation, shared segments, and
+    mean power = energy / training time (with whether energy was measured or modelled)."""
+    step_sec = arm_step_seconds(seg)
+    s = seg[seg["role"] == "scored"]
+    per_seed = s[~s["shared"]].groupby(["arm", "seed"])["sec_per_step"].median().unstack(0)
+    summary = run_summary(curves[curves["role"] == "scored"])
+    kinds = runs[runs["role"] == "scored"].groupby("arm")["energy_kind"].agg(lambda k: "/".join(sorted(set(k))))
     rows = []
-    for run_id, g in per.groupby("run_id", sort=False):
-        ratio = (g.set_index("seed")["sec_per_step"] / base).dropna()
-        rows.append({"run_id": run_id, "n_seeds": len(g), "sec_per_step": g["sec_per_step"].median(),
-                     "ratio": ratio.median(), "ratio_min": ratio.min(), "ratio_max": ratio.max(),
-                     "images_per_second": g["images_per_second"].median()})
+    for arm, g in s.groupby("arm", sort=False):
+        ratio = (per_seed[arm] / per_seed[baseline]).dropna() if baseline in per_seed else pd.Series()
+        e = summary[summary["arm"] == arm]
+        rows.append({"arm": arm, "n_runs": g[["run_id", "seed"]].drop_duplicates().shape[0],
+                     "sec_per_step": step_sec[arm], "ratio": step_sec[arm] / step_sec.get(baseline, math.nan),
+                     "ratio_min": ratio.min(), "ratio_max": ratio.max(),
+                     "images_per_second": float(curves.loc[(curves["arm"] == arm) & (curves["role"] == "scored"),
+                                                           "images_per_second"].median()),
+                     "cpu_util": float(g["util"].median()), "n_shared": int(g["shared"].sum()),
+                     "n_segments": len(g), "watts": 3.6e6 * e["energy_kwh"].sum() / e["total_train_seconds"].sum(),
+                     "energy_kind": kinds.get(arm, "none")})
     return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------- fine-tuning
 
-def miou(finetune: pd.DataFrame, baseline: str = BASELINE, n_boot: int = 10_000,
-         level: float = 0.95, seed: int = 0) -> pd.DataFrame:
-    """Per run_id: mean mIoU over seeds with its bootstrap interval and spread, and the mean
-    paired difference to the baseline with its interval and paired test (fractions)."""
-    base = finetune[finetune["run_id"] == baseline].set_index("seed")["mIoU"]
+def miou(finetune: pd.DataFrame, arms: Sequence[str], level: float = 0.95) -> pd.DataFrame:
+    """mIoU per encoder, and paired differences (points as fractions) of each arm against
+    BP and against scratch over the seeds both have (stats.diff_summary)."""
+    by = {a: g.set_index("seed")["mIoU"] for a, g in finetune.groupby("run_id")}
     rows = []
-    for run_id, g in finetune.groupby("run_id", sort=False):
-        diff = (g.set_index("seed")["mIoU"] - base).dropna().to_numpy(float)
-        values = g["mIoU"].to_numpy(float)
-        test, p = paired_test(diff)
-        rows.append({"run_id": run_id, "arm": g["arm"].iloc[0], "n_seeds": len(g),
-                     "mIoU": values.mean(), **_interval("mIoU", values, n_boot, level, seed),
-                     "mIoU_std": g["mIoU"].std(ddof=1), "mIoU_min": values.min(),
-                     "mIoU_max": values.max(),
-                     "diff": diff.mean() if diff.size else math.nan,
-                     **_interval("diff", diff, n_boot, level, seed),
-                     "n_pairs": diff.size, "test": test, "p_value": p})
+    for arm in arms:
+        for ref in ("bp", "scratch"):
+            if arm == ref or arm not in by or ref not in by:
+                continue
+            d = (by[arm] - by[ref]).dropna()
+            rows.append({"arm": arm, "vs": ref, "arm_mean": float(by[arm].mean()),
+                         "vs_mean": float(by[ref].mean()), **S.diff_summary(d.to_numpy(float), level)})
     return pd.DataFrame(rows)
-
-
-def _interval(name: str, values: np.ndarray, n_boot: int, level: float, seed: int) -> dict:
-    lo, hi = bootstrap_ci(values, np.mean, n_boot, level, seed)
-    return {f"{name}_lo": lo, f"{name}_hi": hi}
-
-
-# ----------------------------------------------------------------------------- equal budget
-
-def equal_budget(curves: pd.DataFrame, finetune: pd.DataFrame | None = None,
-                 budget: float | None = None) -> pd.DataFrame:
-    """Per run: the last validation point with train_seconds <= `budget`, and its mIoU.
-
-    `budget` defaults to the shortest total training time among finished runs (all runs if
-    none finished), so every finished run is scored at an instant it actually reached.
-    This reads the same runs at equal wall-clock; it does not re-decay LR schedules to the
-    budget (that needs runs planned for it, protocol rule 8). A run diverged within the
-    budget keeps its non-finite loss. mIoU is of the full run's fine-tune (NaN if absent).
-    """
-    summary = run_summary(curves)
-    if budget is None:
-        done = summary[summary["status"] == "finished"]
-        budget = float((done if len(done) else summary)["total_train_seconds"].min())
-    within = curves[curves["train_seconds"] <= budget].sort_values("step")
-    last = within.groupby(["run_id", "seed"], sort=True).tail(1)
-    out = last[[*RUN_KEYS, "step", "train_seconds", "val_loss"]].assign(budget=budget)
-    out = with_miou(out, finetune)
-    return out.sort_values(["run_id", "seed"]).reset_index(drop=True)
-
-
-def with_miou(runs: pd.DataFrame, finetune: pd.DataFrame | None) -> pd.DataFrame:
-    """`runs` (with run_id, seed) and the mIoU of each run's fine-tune (NaN where none)."""
-    ft = finetune if finetune is not None else pd.DataFrame(columns=FINETUNE_COLUMNS)
-    ft = ft[["run_id", "seed", "mIoU"]].astype({"seed": "int64", "mIoU": "float64"})
-    return runs.merge(ft, on=["run_id", "seed"], how="left")
-
-
-# ----------------------------------------------------------------------------- sweeps
-
-def sweep_table(curves: pd.DataFrame, ttt: pd.DataFrame) -> pd.DataFrame:
-    """One row per sweep point (`ttt` at one target): swept values, seeds, reached and
-    diverged counts, median time to target and median final validation loss (a diverged
-    run's final loss counts as inf, the worst, rather than being skipped)."""
-    summary = run_summary(curves)
-    summary = summary[is_sweep(summary)]
-    cols = sweep_columns(summary)
-    merged = summary.merge(_one_target(ttt)[["run_id", "seed", "reached", "train_seconds"]],
-                           on=["run_id", "seed"])
-    final = merged["final_val_loss"].where(np.isfinite(merged["final_val_loss"]), math.inf)
-    merged = merged.assign(final=final)
-    rows = [{"run_id": run_id, "arm": g["arm"].iloc[0], **g[cols].iloc[0].to_dict(),
-             "n_seeds": len(g), "n_reached": int(g["reached"].sum()),
-             "n_diverged": int((g["status"] == "diverged").sum()),
-             "time_to_target": float(g["train_seconds"].median()),
-             "final_val_loss": float(g["final"].median())}
-            for run_id, g in merged.groupby("run_id", sort=True)]
-    return pd.DataFrame(rows, columns=["run_id", "arm", *cols, "n_seeds", "n_reached", "n_diverged",
-                                       "time_to_target", "final_val_loss"])

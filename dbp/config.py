@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import types
 import typing
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,10 @@ import yaml
 ENCODER_LAYERS = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 PATCH_EMBED = r"patch_embed\.proj"
 ARMS = ("bp", "dbp", "identity")
+# Controls are not tuned and get no budget ladder: they take the winner of the arm they
+# control (identity = BP's layers doing nothing, so its losses equal BP's exactly).
+CONTROLS = {"identity": "bp"}
+ROLES = ("target", "tuning", "scored", "sweep")
 
 
 class ConfigError(ValueError):
@@ -39,7 +44,7 @@ class DataConfig:
     class_balanced: bool = False
     on_error: Literal["raise", "skip"] = "raise"  # corrupt images: stop, or skip and count
     image_size: int = 32
-    val_images: int | None = None        # first N of the sorted val list (None: all)
+    val_images: int | None = None        # a fixed sample spread over classes (None: all)
     num_workers: int = 2
 
     def validate(self, key: str) -> None:
@@ -135,6 +140,7 @@ class FinetuneConfig:
     fraction: float = 1.0                  # of the training images; the paper: 0.10 of ADE20K
     iterations: int | None = None          # None: the preset's, scaled by `fraction`
     num_workers: int = 0
+    seeds: int = 3                         # fine-tune the encoders of the first N scored seeds
 
     def validate(self, key: str) -> None:
         _require(0.0 < self.fraction <= 1.0, f"{key}.fraction",
@@ -142,39 +148,99 @@ class FinetuneConfig:
         _require(self.iterations is None or self.iterations >= 1, f"{key}.iterations",
                  "must be >= 1")
         _require(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0")
+        _require(self.seeds >= 1, f"{key}.seeds", "must be >= 1")
         if self.kind == "ade20k":
             _require(Path(self.root, "objectInfo150.txt").is_file(), f"{key}.root",
                      f"{self.root} is not an ADE20K folder (no objectInfo150.txt)")
 
 
+def _grid_points(grid: dict[str, tuple[Any, ...]]) -> list[tuple[tuple[str, Any], ...]]:
+    """Every point of a grid (dotted key -> values) as ((key, value), ...), in grid order."""
+    keys = list(grid)
+    return [tuple(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def _check_grid(grid: dict[str, tuple[Any, ...]], key: str, sections: tuple[str, ...]) -> None:
+    _require(bool(grid), f"{key}.grid", "needs at least one key")
+    for k, values in grid.items():
+        _require(k.split(".")[0] in sections and k.count(".") == 1, f"{key}.grid.{k}",
+                 f"keys look like {' or '.join(s + '.<key>' for s in sections)}")
+        _require(len(values) > 0, f"{key}.grid.{k}", "needs at least one value")
+
+
+@dataclass(frozen=True)
+class SeedsConfig:
+    """Disjoint seed sets, one per run role (docs/protocol.md rules 1, 5, 8): the runs that
+    set the target, tune the arms and are scored never share a seed."""
+    scored: tuple[int, ...] = tuple(range(8))
+    target: tuple[int, ...] = (100, 101, 102, 103, 104)
+    tuning: tuple[int, ...] = (200,)
+
+    def validate(self, key: str) -> None:
+        for role in ("scored", "target", "tuning"):
+            seeds = getattr(self, role)
+            _require(all(s >= 0 for s in seeds), f"{key}.{role}", f"seeds must be >= 0, got {list(seeds)}")
+            _require(len(set(seeds)) == len(seeds), f"{key}.{role}", f"repeated seeds in {list(seeds)}")
+        _require(bool(self.scored), f"{key}.scored", "needs at least one seed")
+        _require(bool(self.target), f"{key}.target", "needs at least one seed (the protocol asks for 5)")
+        for a, b in itertools.combinations(("scored", "target", "tuning"), 2):
+            shared = sorted(set(getattr(self, a)) & set(getattr(self, b)))
+            _require(not shared, f"{key}.{a}", f"shares seeds {shared} with {key}.{b}: "
+                     "the roles need disjoint seeds")
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    """The same declared grid for every tuned arm (rule 5), each trial a fully decayed run of
+    the base budget on every tuning seed; the winner per arm feeds the target-setting and
+    scored runs. `enabled: false` pins the config's values (the report says so)."""
+    enabled: bool = True
+    grid: dict[str, tuple[Any, ...]] = field(default_factory=lambda: {"pretrain.blr": (8e-3, 1.6e-2, 3.2e-2)})
+
+    def validate(self, key: str) -> None:
+        if self.enabled:
+            _check_grid(self.grid, key, ("pretrain",))
+
+
+@dataclass(frozen=True)
+class BudgetsConfig:
+    """Extra fully decayed runs at `scales` x pretrain.steps (warm-up scaled alike) for every
+    non-control arm on the first `seeds` scored seeds: with the base runs, a budget curve
+    per arm (rule 9)."""
+    scales: tuple[float, ...] = (0.5, 1.5)
+    seeds: int = 3
+
+    def validate(self, key: str) -> None:
+        _require(all(s > 0 and s != 1.0 for s in self.scales), f"{key}.scales",
+                 f"must be > 0 and not 1 (the base budget is always run), got {list(self.scales)}")
+        _require(len(set(self.scales)) == len(self.scales), f"{key}.scales", "repeated scales")
+        _require(self.seeds >= 0, f"{key}.seeds", "must be >= 0")
+
+
 @dataclass(frozen=True)
 class SweepConfig:
-    """Extra pre-training runs that the DAG expands: the cartesian product of `grid`
-    (dotted key -> values, e.g. dbp.decor_lr x dbp.kappa) for each arm in `arms`. A
-    learning-rate search is a sweep over pretrain.blr with every arm listed, so each arm
-    gets the same trials (the protocol's fair-tuning rule)."""
+    """Exploratory pre-training runs (role "sweep", on the tuning seeds, never scored): the
+    cartesian product of `grid` (e.g. dbp.decor_lr x dbp.kappa) for each arm in `arms`."""
     arms: tuple[str, ...] = ("dbp",)
     grid: dict[str, tuple[Any, ...]] = field(default_factory=dict)
-    seeds: tuple[int, ...] | None = None  # default: the study's seeds
 
     def validate(self, key: str) -> None:
         for a in self.arms:
             _require(a in ARMS, f"{key}.arms", f"unknown arm {a!r}; choose from {ARMS}")
-        _require(bool(self.grid), f"{key}.grid", "needs at least one key")
-        for k, values in self.grid.items():
-            _require(k.split(".")[0] in ("pretrain", "dbp") and k.count(".") == 1,
-                     f"{key}.grid.{k}", "sweep keys look like pretrain.<key> or dbp.<key>")
-            _require(len(values) > 0, f"{key}.grid.{k}", "needs at least one value")
+        _check_grid(self.grid, key, ("pretrain", "dbp"))
 
 
 @dataclass(frozen=True)
 class Run:
-    """One pre-training run family of the study: an arm, with a sweep point's overrides."""
+    """One pre-training run family of the study: an arm with overrides (a tuning trial, a
+    budget, a sweep point) on a set of seeds. `tuned`: reads the selected values."""
     run_id: str
     arm: str
     overrides: tuple[tuple[str, Any], ...]
     seeds: tuple[int, ...]
+    tuned: bool = True
     sweep: str | None = None
+    budget: float = 1.0
 
     def set_args(self) -> list[str]:
         """The overrides as `dbp pretrain --set` values."""
@@ -185,22 +251,31 @@ class Run:
 @dataclass(frozen=True)
 class StudyConfig:
     name: str = "default"
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: SeedsConfig = field(default_factory=SeedsConfig)
     arms: tuple[str, ...] = ARMS
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     dbp: DBPConfig = field(default_factory=DBPConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    # per-arm overrides of the pretrain section, e.g. {"dbp": {"blr": 8e-3}} (tuned LRs)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    budgets: BudgetsConfig = field(default_factory=BudgetsConfig)
+    # per-arm pinned overrides of the pretrain section, e.g. {"dbp": {"blr": 8e-3}}
     arm_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     sweeps: dict[str, SweepConfig] = field(default_factory=dict)
 
     def validate(self, key: str = "") -> None:
         for a in (*self.arms, *self.arm_overrides):
             _require(a in ARMS, "arms", f"unknown arm {a!r}; choose from {ARMS}")
-        for sub in ("data", "pretrain", "dbp", "energy", "finetune"):
+        _require("bp" in self.arms, "arms", "needs bp: the baseline sets the target")
+        for sub in ("seeds", "data", "pretrain", "dbp", "energy", "finetune", "tuning", "budgets"):
             getattr(self, sub).validate(sub)
+        _require(not (self.tuning.enabled and not self.seeds.tuning), "seeds.tuning",
+                 "needs at least one seed while tuning.enabled is true")
+        _require(self.budgets.seeds <= len(self.seeds.scored), "budgets.seeds",
+                 f"must be <= the {len(self.seeds.scored)} scored seeds")
+        _require(self.finetune.seeds <= len(self.seeds.scored), "finetune.seeds",
+                 f"must be <= the {len(self.seeds.scored)} scored seeds")
         if self.finetune.enabled:
             from dbp.model import PRESETS
             _require(PRESETS[self.pretrain.model]["depth"] >= 4, "pretrain.model",
@@ -209,43 +284,71 @@ class StudyConfig:
             self.pretrain_for(arm)  # validates the merged section
         for name, sweep in self.sweeps.items():
             sweep.validate(f"sweeps.{name}")
-        runs = self.runs()  # every sweep point must make a valid config
-        for run in runs.values():
+            _require(bool(self.seeds.tuning), "seeds.tuning", "sweeps run on the tuning seeds: add one")
+        for run in self.runs().values():  # every trial, budget and sweep point must make a valid config
             if run.overrides:
                 self.with_overrides(run)
 
+    def tuned_arms(self) -> list[str]:
+        """Arms that get the tuning grid: every arm but the controls."""
+        return [a for a in self.arms if a not in CONTROLS]
+
     def runs(self) -> dict[str, Run]:
-        """Every pre-training run family: the study's arms, then each sweep point."""
-        out = {a: Run(a, a, (), self.seeds) for a in self.arms}
+        """Every pre-training run family: the arms (scored seeds; BP also on the target
+        seeds), the budget ladder, the tuning trials and the sweep points."""
+        s, p = self.seeds, self.pretrain
+        out = {a: Run(a, a, (), s.scored + (s.target if a == "bp" else ())) for a in self.arms}
+
+        def add(run: Run, where: str) -> None:
+            _require(run.run_id not in out, where, f"run {run.run_id} is defined twice")
+            out[run.run_id] = run
+        budget_seeds = s.scored[:self.budgets.seeds]
+        for scale in self.budgets.scales if budget_seeds else ():
+            steps = max(1, round(scale * p.steps))
+            point = (("pretrain.steps", steps), ("pretrain.warmup_steps", round(scale * p.warmup_steps)))
+            for arm in self.tuned_arms():
+                add(Run(f"{arm}__steps={steps}", arm, point, budget_seeds, budget=scale), "budgets.scales")
+        if self.tuning.enabled:
+            for point in _grid_points(self.tuning.grid):
+                for arm in self.tuned_arms():
+                    add(Run(_run_id(arm, point), arm, point, s.tuning, tuned=False), "tuning.grid")
         for name, sweep in self.sweeps.items():
-            keys = list(sweep.grid)
-            for values in itertools.product(*(sweep.grid[k] for k in keys)):
+            for point in _grid_points(sweep.grid):
                 for arm in sweep.arms:
-                    point = tuple(zip(keys, values))
-                    run_id = "__".join([arm, *(f"{k.split('.')[1]}={_short(v)}" for k, v in point)])
-                    _require(run_id not in out, f"sweeps.{name}", f"run {run_id} is defined twice")
-                    out[run_id] = Run(run_id, arm, point, sweep.seeds or self.seeds, name)
+                    add(Run(_run_id(arm, point), arm, point, s.tuning, sweep=name), f"sweeps.{name}")
         return out
 
+    def role(self, run: Run, seed: int) -> str:
+        """The role of one run (rule 1, 5, 8): decided by the seed set it belongs to."""
+        if seed in self.seeds.scored:
+            return "scored"
+        if seed in self.seeds.target:
+            return "target"
+        return "sweep" if run.sweep else "tuning"
+
     def with_overrides(self, run: Run) -> StudyConfig:
-        """The study config as this run sees it (sweep overrides applied, validated)."""
+        """The study config as this run sees it (its overrides applied, validated)."""
         raw = to_dict(self)
         for k, v in run.overrides:
             section, leaf = k.split(".")
             raw[section][leaf] = v
         try:
-            cfg = config_from_dict({**raw, "sweeps": {}})
+            cfg = config_from_dict({**raw, "sweeps": {}, "budgets": {"scales": [], "seeds": 0},
+                                    "tuning": {**raw["tuning"], "enabled": False}})
         except ConfigError as e:
-            raise ConfigError(f"sweeps.{run.sweep} point {run.run_id}: {e}") from None
+            raise ConfigError(f"run {run.run_id}: {e}") from None
         return cfg
 
     def finetune_arms(self) -> list[str]:
         """Encoders to fine-tune: each pre-trained arm and "scratch" (random init, the control
-        that says whether pre-training helps at all). Not "identity": with eta = 0 its
-        encoder is bit-for-bit BP's, so its fine-tune would repeat BP's."""
+        that says whether pre-training helps at all). Not the controls: identity's encoder
+        is bit-for-bit BP's, so its fine-tune would repeat BP's."""
         if not self.finetune.enabled:
             return []
-        return [a for a in self.arms if a != "identity"] + ["scratch"]
+        return [a for a in self.arms if a not in CONTROLS] + ["scratch"]
+
+    def finetune_seeds(self) -> tuple[int, ...]:
+        return self.seeds.scored[:self.finetune.seeds]
 
     def pretrain_for(self, arm: str) -> PretrainConfig:
         """The pretrain section with this arm's overrides applied (and validated)."""
@@ -260,6 +363,19 @@ class StudyConfig:
         if arm == "bp":
             return None
         return self.dbp if arm == "dbp" else dataclasses.replace(self.dbp, decor_lr=0.0)
+
+    def run_config(self, arm: str) -> dict[str, Any]:
+        """What one run of `arm` trains with: the sections that change its weights and
+        clock (the seed sets, tuning grid and fine-tuning are not among them)."""
+        dbp_cfg = self.dbp_for(arm)
+        return {"name": self.name, "data": dataclasses.asdict(self.data),
+                "pretrain": dataclasses.asdict(self.pretrain_for(arm)),
+                "dbp": dataclasses.asdict(dbp_cfg) if dbp_cfg else None,
+                "energy": dataclasses.asdict(self.energy)}
+
+
+def _run_id(arm: str, point: tuple[tuple[str, Any], ...]) -> str:
+    return "__".join([arm, *(f"{k.split('.')[1]}={_short(v)}" for k, v in point)])
 
 
 def _short(v: Any) -> str:
@@ -283,11 +399,15 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         _require(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
         return {k: _check_type(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
-        _require(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
+        names = ", ".join(f.name for f in dataclasses.fields(tp))
+        _require(isinstance(value, dict), key, f"must be a mapping with keys {names}, got {value!r}")
         return _build(tp, value, key)
     if tp is Any:
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            with suppress(ValueError):
+                value = float(value)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         _require(ok, key, f"must be a number, got {value!r}")
         return float(value)
@@ -368,6 +488,17 @@ def json_schema(tp: Any = StudyConfig) -> dict[str, Any]:
                 "properties": {f.name: json_schema(hints[f.name]) for f in dataclasses.fields(tp)}}
     return {Any: {}, float: {"type": "number"}, int: {"type": "integer"}, bool: {"type": "boolean"},
             str: {"type": "string"}}[tp]
+
+
+def with_tuned(cfg: StudyConfig, arm: str, values: dict[str, Any]) -> StudyConfig:
+    """`cfg` with an arm's selected values (dotted pretrain keys) as its arm overrides."""
+    raw = to_dict(cfg)
+    over = raw["arm_overrides"].setdefault(arm, {})
+    for k, v in values.items():
+        section, leaf = k.split(".")
+        _require(section == "pretrain", f"tuned value {k}", "only pretrain.<key> values can be tuned")
+        over[leaf] = v
+    return config_from_dict(raw)
 
 
 def to_dict(cfg: StudyConfig) -> dict[str, Any]:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from dbp.datasets import ImageFolderDataset, check_readable
 from dbp.embedded import make_embedded
-from dbp.subset import list_images, manifest_hash, read_manifest, sample_subset, write_manifest
+from dbp.subset import (list_images, manifest_hash, read_manifest, sample_subset, spread_sample,
+                        write_manifest)
 
 
 @dataclass
@@ -42,12 +43,15 @@ def prepare_pretrain_data(*, kind: str, root: str | Path, embedded_seed: int, fr
                           manifest_out: Path | None = None) -> TrainData:
     """Datasets for one run; writes the train manifest to `manifest_out` when given.
 
+    `val_images` (None: all) are a fixed sample spread over the classes, the same for every
+    arm and seed (docs/protocol.md, rule 4).
+
     With on_error="raise" every file is checked before training, so a corrupt image stops
     the run at start-up with its path instead of crashing it hours later.
     """
     folder = imagenet_root(kind, root, embedded_seed)
     train_paths = train_manifest(folder, fraction, seed, class_balanced, manifest)
-    val_paths = list_images(folder, "val")[:val_images]
+    val_paths = spread_sample(list_images(folder, "val"), val_images)  # every class, fixed
     if not train_paths or not val_paths:
         raise ValueError(f"{folder}: no images found under train/ or val/")
     if on_error == "raise":

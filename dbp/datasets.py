@@ -2,7 +2,7 @@
 
 Augmentation randomness comes only from (seed, epoch, index), never from global RNG state, so
 every arm of a study sees identical crops and flips regardless of worker count or order
-(../shared/docs/protocol.md, rule 2).
+(docs/protocol.md rule 2).
 """
 from __future__ import annotations
 

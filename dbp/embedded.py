@@ -1,9 +1,9 @@
 """Embedded default data: ImageNet-style photo crops and ADE20K-style real-texture mosaics.
 
 With no network, and no installable package shipping natural images with segmentation masks
-(../shared/docs/data.md), both datasets are composed from the photos bundled in the
-scikit-image wheel. They use the real datasets' on-disk layouts, so the same readers
-(dbp.subset, dbp.datasets) serve real and embedded data.
+(PyPI wheels and Debian packages hold single examples at most), both datasets are composed
+from the photos bundled in the scikit-image wheel. They use the real datasets' on-disk
+layouts, so the same readers (dbp.subset, dbp.datasets) serve real and embedded data.
 
 - Determinism: everything is drawn from numpy generators seeded by `seed`. MANIFEST.json hashes
   the decoded uint8 arrays, because JPEG bytes differ between libjpeg builds.

@@ -2,8 +2,8 @@
 
 mmseg loads a backbone checkpoint (`init_cfg=dict(type='Pretrained', ...)`) with strict=False
 and unwraps only a top-level 'state_dict': a misspelt key or a wrong wrapper leaves weights at
-their random init and nothing complains (../shared/docs/stack.md, 2.5). So the export checks
-its own output the way mmseg reads it: every backbone weight must come from the file, and the
+their random init and nothing complains (seen with mmseg 1.2.2). So the export checks its own
+output the way mmseg reads it: every backbone weight must come from the file, and the
 backbone's features must equal the fused encoder's.
 
 Key mapping (mmseg's beit2mmseg converter): patch_embed.proj -> patch_embed.projection,

@@ -1,10 +1,13 @@
 """Measurement helpers shared by the pre-training and fine-tuning engines.
 
 - atomic writes, so a killed run never leaves a truncated metrics file or checkpoint;
-- `Clock`, the protocol's training clock (rule 3): training time, with validation, logging and
-  checkpointing accumulated separately, the device synchronised before every read;
-- `EnergyMeter`, codecarbon over exactly the timed region (rule 9), never able to crash training;
-- `provenance()`, code version, package versions and hardware beside every result (rule 10);
+- `Clock`, the protocol's training clock (docs/protocol.md, rule 3): training time, with
+  validation, logging and checkpointing accumulated separately, the device synchronised before
+  every read, and the process CPU time of training (rule 11, contention);
+- `EnergyMeter`, codecarbon over exactly the timed region (docs/protocol.md, rule 10), never
+  able to crash training;
+- `provenance()`, code version, package versions and hardware beside every result
+  (docs/protocol.md, rule 12);
 - `set_quiet_env()` / `progress_enabled()`, quiet logs in CI and batch jobs.
 """
 from __future__ import annotations
@@ -98,7 +101,7 @@ TRAIN = "train"
 
 
 class Clock:
-    """The protocol's training clock (rule 3).
+    """The protocol's training clock (docs/protocol.md, rule 3).
 
     Time is charged to the innermost open span: `train()` or `excluded(kind)`. So an
     `excluded("eval")` inside `train()` pauses the training clock for its duration, and the
@@ -107,15 +110,21 @@ class Clock:
 
     With a `meter`, the EnergyMeter runs exactly while `train` is the innermost span; its
     start/stop overhead is charged to the excluded bucket "energy".
+
+    `cpu_seconds` is the process CPU time (time.process_time: every thread of this process,
+    not DataLoader worker processes) charged to `train` the same way: against wall time it
+    shows whether the run had its cores to itself (docs/protocol.md, rule 11).
     """
 
     def __init__(self, device: torch.device | str, meter: EnergyMeter | None = None):
         self.device = torch.device(device)
         self.meter = meter
         self._train = 0.0
+        self._cpu = 0.0
         self._excluded: dict[str, float] = {}
         self._stack: list[str] = []
         self._last = 0.0
+        self._cpu_last = 0.0
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -130,22 +139,24 @@ class Clock:
     def _switch(self, push: str | None) -> None:
         """Close the current owner's span, then push `push` (or pop when None)."""
         self._sync()
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         before = self._stack[-1] if self._stack else None
         if before is not None:
             self._charge(before, now - self._last)
+        if before == TRAIN:
+            self._cpu += cpu - self._cpu_last
         if push is None:
             self._stack.pop()
         else:
             self._stack.append(push)
         after = self._stack[-1] if self._stack else None
-        self._last = now
+        self._last, self._cpu_last = now, cpu
         if self.meter is not None and (before == TRAIN) != (after == TRAIN):
             if after == TRAIN:
                 self.meter.start()
             else:
                 self.meter.stop()
-            self._last = time.perf_counter()
+            self._last, self._cpu_last = time.perf_counter(), time.process_time()
             self._charge("energy", self._last - now)
 
     @contextmanager
@@ -177,6 +188,12 @@ class Clock:
         return self._train + self._live(TRAIN)
 
     @property
+    def cpu_seconds(self) -> float:
+        """Process CPU seconds charged to training (live, like train_seconds)."""
+        training = bool(self._stack) and self._stack[-1] == TRAIN
+        return self._cpu + (time.process_time() - self._cpu_last if training else 0.0)
+
+    @property
     def excluded_seconds(self) -> dict[str, float]:
         out = dict(self._excluded)
         if self._stack and self._stack[-1] != TRAIN:
@@ -184,13 +201,15 @@ class Clock:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"train_seconds": self.train_seconds, "excluded_seconds": self.excluded_seconds}
+        return {"train_seconds": self.train_seconds, "cpu_seconds": self.cpu_seconds,
+                "excluded_seconds": self.excluded_seconds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the totals of a previous run (call before any span is open)."""
         if self._stack:
             raise RuntimeError("Clock.load_state_dict inside an open span")
         self._train = float(state["train_seconds"])
+        self._cpu = float(state.get("cpu_seconds", math.nan))  # older states: unknown, not 0
         self._excluded = {k: float(v) for k, v in state["excluded_seconds"].items()}
 
 
@@ -265,7 +284,8 @@ def _describe_tracker(tracker: Any, version: str) -> str:
 
 
 class EnergyMeter:
-    """codecarbon over exactly the timed region (rule 9), which can never crash training.
+    """codecarbon over exactly the timed region (docs/protocol.md, rule 10), which can never
+    crash training.
 
     One OfflineEmissionsTracker for the whole run; each start()/stop() pair is one codecarbon
     task (start_task/stop_task). A task resets the hardware baselines at its start and its
@@ -479,7 +499,8 @@ def _world_size() -> int:
 
 
 def provenance(extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Code version, package versions and hardware, to store beside a run's metrics (rule 10).
+    """Code version, package versions and hardware, to store beside a run's metrics
+    (docs/protocol.md, rule 12).
 
     `extra` (config, seed, subset manifest hash, ...) is merged in; a key clashing with a
     provenance key raises ValueError rather than silently replacing it.

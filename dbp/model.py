@@ -14,6 +14,7 @@ Module names follow timm's VisionTransformer (`patch_embed.proj`, `blocks.N.attn
 import dbp._compat  # noqa: F401  (must precede timm: see module docstring)
 
 import math
+import re
 from collections.abc import Sequence
 from functools import partial
 
@@ -23,6 +24,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from dbp.cost import dbp_extra_macs
 from dbp.layers import DecorMixin
 
 _norm_layer = partial(nn.LayerNorm, eps=1e-6)
@@ -231,7 +233,8 @@ PRESETS: dict[str, dict] = {
     "mae_vit_large_patch16": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24,
                                   num_heads=16, decoder_embed_dim=512, decoder_depth=8,
                                   decoder_num_heads=16),
-    # CPU scale (../shared/docs/dbp-proto.md): the convergence model and the cost benchmark's.
+    # CPU scale: the default study's model (trains in minutes on 2 cores) and the one
+    # benchmarks/dbp_step_cost.py times.
     "mae_vit_tiny_patch4_32": dict(img_size=32, patch_size=4, embed_dim=128, depth=4,
                                    num_heads=2, decoder_embed_dim=96, decoder_depth=1,
                                    decoder_num_heads=3),
@@ -305,3 +308,28 @@ def matmul_macs(model: MaskedAutoencoderViT, batch_size: int = 1) -> dict[str, i
         "decoder_pred": dec_tokens * _linear_weights(model.decoder_pred),
     }
     return {k: batch_size * v for k, v in parts.items()}
+
+
+def _tokens_seen(name: str, model: MaskedAutoencoderViT) -> int:
+    """Token rows per image through a layer (as `matmul_macs` counts them): every patch for
+    the patch embedding, cls + every patch in the decoder, cls + visible in the encoder."""
+    if name.startswith("patch_embed"):
+        return model.num_patches
+    return 1 + (model.num_patches if name.startswith("decoder") else model.num_visible)
+
+
+def step_macs(model: MaskedAutoencoderViT, batch_size: int, patterns: Sequence[str],
+              sample_frac: float, every: int, fused: bool) -> tuple[float, float]:
+    """(MACs of one BP training step, DBP's extra MACs per step) on `batch_size` images.
+
+    Recorded by the training side so that the results side never builds a model. A step is
+    3 x the forward matmuls (the backward forms two products per forward one); the extra
+    work follows `dbp.cost.dbp_extra_macs` over the layers whose names fully match one of
+    `patterns` (none for plain BP), each with the tokens it sees. Layer names and weight
+    shapes are the same before and after `decorrelate`, so either model gives the same count.
+    """
+    bp = 3.0 * sum(matmul_macs(model, batch_size).values())
+    extra = sum(dbp_extra_macs([(m.weight.shape[0], m.weight[0].numel())],
+                               batch_size * _tokens_seen(name, model), sample_frac, every, fused)
+                for name, m in model.named_modules() if any(re.fullmatch(p, name) for p in patterns))
+    return bp, float(extra)

@@ -5,11 +5,15 @@ training segments with excluded validation (and checkpoints) on a step schedule 
 every arm. For a given seed every arm gets the same initial weights, batch order,
 augmentation and masks (all derived from (seed, position), never from the global RNG), so
 arms differ only in the method. Kill the process at any point and run it again: it resumes
-from the last checkpoint and, on CPU, ends with exactly the metrics of an unbroken run.
+from the last checkpoint and, on CPU, ends with exactly the metrics of an unbroken run. A
+checkpoint made with a different config (its `run_digest`) is never resumed: the run starts
+over (docs/protocol.md, rule 12).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 from collections.abc import Iterator
@@ -24,12 +28,12 @@ from dbp import DBP, decorrelate
 from dbp.config import DataConfig, DBPConfig, EnergyConfig, PretrainConfig
 from dbp.data import TrainData, prepare_pretrain_data
 from dbp.measure import Clock, EnergyMeter, atomic_torch_save, atomic_write_json, atomic_write_text, progress_enabled, provenance
-from dbp.model import build_mae, fixed_mask_noise, mask_noise, param_groups
+from dbp.model import build_mae, fixed_mask_noise, mask_noise, param_groups, step_macs
 from dbp.probe import InputCorrelationProbe
 
 COLUMNS = ["step", "epoch", "images_seen", "train_seconds", "eval_seconds", "checkpoint_seconds",
            "train_loss", "val_loss", "energy_kwh", "co2_kg", "images_per_second", "lr",
-           "decor_loss", "mean_abs_corr"]
+           "decor_loss", "mean_abs_corr", "cpu_seconds", "cpu_util", "load_avg"]
 
 
 # ----------------------------------------------------------------------------- environment
@@ -121,6 +125,67 @@ def evaluate(model, data: TrainData, device, autocast_dtype, probe: InputCorrela
     return {"val_loss": float(total) / count, **probe.result()}
 
 
+# ----------------------------------------------------------------------------- records
+
+def run_digest(resolved_config: dict, arm: str, seed: int, manifest_hash: str,
+               world_size: int) -> str:
+    """sha256 (hex) of everything that fixes a run's results: a checkpoint is resumed only
+    by a run with the same digest (docs/protocol.md, rule 12)."""
+    key = {"config": resolved_config, "arm": arm, "seed": seed, "manifest_hash": manifest_hash,
+           "world_size": world_size}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _matching_checkpoint(out: Path, digest: str, device: torch.device, lead: bool) -> dict | None:
+    """out/checkpoint.pt if this very config made it. Else (another config, no digest, an
+    unreadable file) None, and the lead rank removes the old run's checkpoint, final model
+    and metrics, so that nothing of it mixes into the new run."""
+    path = out / "checkpoint.pt"
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+        old = state.get("run_digest") or "none"
+    except Exception:  # noqa: BLE001 - truncated, foreign or from older code: start over
+        state, old = None, "unreadable"
+    if old == digest:
+        return state
+    if lead:
+        print(f"[pretrain] {path} was made with a different config (digest {old[:12]} != "
+              f"{digest[:12]}): starting over", flush=True)
+        for name in ("checkpoint.pt", "final.pt", "metrics.csv"):
+            (out / name).unlink(missing_ok=True)
+    return None
+
+
+def _step_cost(model, batch: int, dbp_cfg: DBPConfig | None) -> dict[str, float]:
+    """run.json's cost model, so the results side never builds a model (rule 13): MACs of one
+    BP step on the effective batch, and DBP's extra MACs (0 for BP; the identity control,
+    eta = 0, still does the extra work)."""
+    if dbp_cfg is None:
+        bp, extra = step_macs(model, batch, [], 1.0, 1, True)
+    else:
+        bp, extra = step_macs(model, batch, dbp_cfg.patterns(), dbp_cfg.sample_frac,
+                              dbp_cfg.every, dbp_cfg.fused)
+    return {"macs_per_step": bp, "extra_macs_per_step": extra}
+
+
+def _load_avg() -> float:
+    """The 1-minute load average; NaN where the platform has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return math.nan
+
+
+def _segment_stats(images: int, wall: float, cpu: float) -> dict[str, float]:
+    """Throughput and contention of one timed segment (rule 11), read before its validation;
+    the rates are NaN for step 0, which has no segment."""
+    def rate(x: float) -> float:
+        return x / wall if wall > 0 else math.nan
+    return {"images_per_second": rate(images), "cpu_util": rate(cpu), "load_avg": _load_avg()}
+
+
 # ----------------------------------------------------------------------------- the run
 
 def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
@@ -131,7 +196,7 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
     """Pre-train one arm for one seed into `out`; returns the final run.json content.
 
     `manifest` fixes the train subset (else it is sampled from the data by seed); `run_info`
-    (run id, sweep point) is recorded in run.json.
+    (run id, role, tuned, sweep point) is recorded in run.json as given.
     `stop_after` ends the work after that many steps as a kill would (no evaluation,
     checkpoint or final outputs), for tests of resume.
     """
@@ -146,6 +211,8 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
     # ---- model: identical initial weights for every arm of a seed
     torch.manual_seed(seed)
     model = build_mae(cfg.model, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss)
+    eff_batch = cfg.batch_size * cfg.accum_steps * world
+    cost = _step_cost(model, eff_batch, dbp_cfg)
     driver = None
     if dbp_cfg is not None:
         mods = decorrelate(model, dbp_cfg.patterns(), seed=seed, **dbp_cfg.layer_options())
@@ -160,7 +227,6 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
         seed=seed, manifest=manifest, manifest_out=out / "train_manifest.txt" if lead else None)
     model.to(device)
     probe = InputCorrelationProbe(model, probe_patterns, kappa=probe_kappa)
-    eff_batch = cfg.batch_size * cfg.accum_steps * world
     peak_lr = cfg.blr * eff_batch / 256
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr,
                             betas=(0.9, cfg.beta2), fused=device.type == "cuda")
@@ -181,14 +247,15 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
     clock = Clock(device, meter=meter)  # energy is metered exactly while the train clock runs
     rows: list[dict] = []
     step, resumed_from = 0, []
+    digest = run_digest(resolved_config, arm, seed, data.manifest_hash, world)
     info = {**(run_info or {}), "arm": arm, "seed": seed, "status": "running", "config": resolved_config,
-            "manifest_hash": data.manifest_hash, "train_images": len(data.train),
+            "run_digest": digest, "manifest_hash": data.manifest_hash, "train_images": len(data.train),
             "val_images": len(data.val), "world_size": world, "effective_batch": eff_batch,
-            "peak_lr": peak_lr, "autocast": str(amp_dtype), "device": str(device)}
+            "peak_lr": peak_lr, "autocast": str(amp_dtype), "device": str(device), **cost}
 
-    # ---- resume
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+    # ---- resume, only a run of this very config
+    state = _matching_checkpoint(out, digest, device, lead)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -207,19 +274,18 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
         state = {"step": step, "rows": rows, "model": model.state_dict(), "optimizer": opt.state_dict(),
                  "scaler": scaler.state_dict(), "clock": clock.state_dict(), "energy": meter.state_dict(),
                  "dbp": driver.state_dict() if driver else None, "torch_rng": torch.get_rng_state(),
-                 "resumed_from": resumed_from}
+                 "resumed_from": resumed_from, "run_digest": digest}
         atomic_torch_save(state, ckpt_path)
 
-    def record(train_loss: float, images: int, seconds: float) -> dict:
+    def record(train_loss: float, segment: dict[str, float]) -> dict:
         ev = evaluate(model, data, device, amp_dtype, probe, cfg.batch_size)
         energy = meter.totals()
         row = {"step": step, "epoch": step * eff_batch / len(data.train), "images_seen": step * eff_batch,
                "train_seconds": clock.train_seconds, "eval_seconds": clock.excluded_seconds.get("eval", 0.0),
                "checkpoint_seconds": clock.excluded_seconds.get("checkpoint", 0.0),
                "train_loss": train_loss, "val_loss": ev["val_loss"], "energy_kwh": energy["energy_kwh"],
-               "co2_kg": energy["co2_kg"], "images_per_second": images / seconds if seconds > 0 else float("nan"),
-               "lr": opt.param_groups[0]["lr"], "decor_loss": ev["decor_loss"],
-               "mean_abs_corr": ev["mean_abs_corr"]}
+               "co2_kg": energy["co2_kg"], "lr": opt.param_groups[0]["lr"], "decor_loss": ev["decor_loss"],
+               "mean_abs_corr": ev["mean_abs_corr"], "cpu_seconds": clock.cpu_seconds, **segment}
         rows.append(row)
         if lead:
             atomic_write_text(out / "metrics.csv", _csv(rows))
@@ -230,7 +296,7 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
         atomic_write_json(run_json, info)
     if not rows:  # step 0: the untrained model, before the clock starts
         with clock.excluded("eval"):
-            record(float("nan"), 0, 0.0)
+            record(float("nan"), _segment_stats(0, 0.0, 0.0))
 
     # ---- train: timed segments between validation points
     stream = micro_batches(data, seed, step * cfg.accum_steps, cfg.batch_size, rank, world,
@@ -241,7 +307,8 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
         seg_end = min(cfg.steps, (step // cfg.eval_every + 1) * cfg.eval_every)
         if stop_after is not None:
             seg_end = min(seg_end, stop_after)
-        seg_loss, seg_steps, t0 = torch.zeros((), device=device), 0, clock.train_seconds
+        seg_loss, seg_steps = torch.zeros((), device=device), 0
+        t0, cpu0 = clock.train_seconds, clock.cpu_seconds
         with clock.train():
             while step < seg_end:
                 for group in opt.param_groups:
@@ -267,12 +334,14 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
                 step += 1
                 seg_steps += 1
                 bar.update(1)
+        segment = _segment_stats(seg_steps * eff_batch, clock.train_seconds - t0,
+                                 clock.cpu_seconds - cpu0)
         if stop_after is not None and step >= stop_after and step < cfg.steps:
             bar.close()
             return info  # as if killed here: no eval, no checkpoint, no final outputs
         train_loss = float(seg_loss) / seg_steps
         with clock.excluded("eval"):
-            row = record(train_loss, seg_steps * eff_batch, clock.train_seconds - t0)
+            row = record(train_loss, segment)
         bar.set_postfix(loss=f"{row['val_loss']:.4f}", img_s=f"{row['images_per_second']:.0f}")
         if not (math.isfinite(train_loss) and math.isfinite(row["val_loss"])):
             status = "diverged"
@@ -287,15 +356,16 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
     if world > 1 and driver is not None:
         info["r_identical_across_ranks"] = _r_identical_across_ranks(driver, world)
     info.update(status=status, steps_done=step, train_seconds=clock.train_seconds,
-                excluded_seconds=clock.excluded_seconds, energy=meter.totals(),
-                skipped_images=data.train.skipped)
+                cpu_seconds=clock.cpu_seconds, excluded_seconds=clock.excluded_seconds,
+                energy=meter.totals(), skipped_images=data.train.skipped)
     if lead:
         if status == "finished":
             atomic_torch_save({"model_name": cfg.model, "model_kwargs": {"mask_ratio": cfg.mask_ratio,
                                "norm_pix_loss": cfg.norm_pix_loss},
                                "dbp": dataclasses.asdict(dbp_cfg) if dbp_cfg else None,
                                "state_dict": model.state_dict(), "arm": arm, "seed": seed,
-                               "step": step}, final_path)
+                               "step": step, "run_digest": digest}, final_path)
+        atomic_write_text(out / "metrics.csv", _csv(rows))  # also when resumed at the last step
         atomic_write_json(run_json, info)
         print(f"[pretrain] {arm}/seed{seed}: {status} at step {step}, val_loss "
               f"{rows[-1]['val_loss']:.4f}, train {clock.train_seconds:.1f}s", flush=True)

@@ -1,145 +1,105 @@
 """The paper's tables from a study's runs: Markdown and LaTeX beside tidy CSVs in results/<study>/.
 
 `analyze` computes every tidy table once (the figures use it too); the `*_table` functions
-turn it into display tables with our numbers beside the paper's; `write_report` writes them
-all atomically, so a killed job never leaves a table that looks complete.
+turn it into display tables, ours beside the paper's where that is a like-for-like
+comparison; `write_report` writes them all atomically. Reads records only: no torch.
 """
 from __future__ import annotations
 
-import copy
+import json
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from dbp import analysis as A
-from dbp.config import PATCH_EMBED
 from dbp.measure import atomic_write_text
-from dbp.model import build_mae, matmul_macs
 
-PAPER = {"train_seconds": "21.1 %", "co2_kg": "21.4 %", "speedup": "1.27x (implied)",
-         "mIoU": "+1.1"}
-COST_METRICS = ("train_seconds", "energy_kwh", "co2_kg", "step", "flops")
-
-
-# ----------------------------------------------------------------------------- FLOPs model
-
-def run_config(info: dict) -> dict:
-    """A run's config as it trained: run.json's resolved config (sweep point included) with
-    its arm's pretrain overrides merged in."""
-    cfg = copy.deepcopy(info["config"])
-    cfg["pretrain"].update(cfg.get("arm_overrides", {}).get(info["arm"], {}))
-    return cfg
-
-
-def macs_per_step(info: dict) -> tuple[float, float]:
-    """(MACs of one BP training step, DBP's extra MACs per step) of a run, from its run.json.
-
-    A step is 3 x the forward matmuls (the backward forms two products per forward one) on
-    the effective batch; DBP's extra work follows `analysis.dbp_extra_macs` over the layers
-    its patterns match, each with the tokens it sees. The model is built on the meta device:
-    shapes only, no memory.
-    """
-    cfg, batch = run_config(info), int(info["effective_batch"])
-    pre = cfg["pretrain"]
-    with torch.device("meta"):
-        model = build_mae(pre["model"], mask_ratio=pre["mask_ratio"], norm_pix_loss=pre["norm_pix_loss"])
-    bp = 3.0 * sum(matmul_macs(model, batch).values())
-    if info["arm"] == A.BASELINE:
-        return bp, 0.0
-    d = cfg["dbp"]
-    patterns = [*d["include"], *([PATCH_EMBED] if d.get("patch_embed") else [])]
-    extra = sum(A.dbp_extra_macs([(m.weight.shape[0], m.weight[0].numel())],
-                                 batch * _tokens_seen(name, model), d["sample_frac"], d["every"],
-                                 d["fused"])
-                for name, m in model.named_modules() if any(re.fullmatch(p, name) for p in patterns))
-    return bp, extra
-
-
-def _tokens_seen(name: str, model) -> int:
-    """Token rows per image through a layer (as `matmul_macs` counts them): every patch for
-    the patch embedding, cls + every patch in the decoder, cls + visible in the encoder."""
-    if name.startswith("patch_embed"):
-        return model.num_patches
-    return 1 + (model.num_patches if name.startswith("decoder") else model.num_visible)
+PAPER = {"seconds": "21.1 %", "mIoU": "+1.1"}
+README_START, README_END = "<!-- headline:start -->", "<!-- headline:end -->"
 
 
 # ----------------------------------------------------------------------------- analysis
 
 @dataclass(frozen=True)
 class Analysis:
-    """Every tidy table of one study, computed once; `ttt` holds each run at each target."""
+    """Every tidy table of one study, computed once."""
     study: str
+    runs: pd.DataFrame
     curves: pd.DataFrame
     finetune: pd.DataFrame
     target: float
-    ttt: pd.DataFrame
-    comparisons: pd.DataFrame
+    n_target: int
+    segments: pd.DataFrame
+    step_sec: pd.Series
+    ttt: pd.DataFrame           # scored runs at every target (column relax)
+    comparisons: pd.DataFrame   # each arm vs BP, every cost, strict target
+    noise: pd.DataFrame
     overhead: pd.DataFrame
-    miou: pd.DataFrame
-    equal_budget: pd.DataFrame
+    budgets: pd.DataFrame
+    budget_ttt: pd.DataFrame
+    tuning: pd.DataFrame
     sweep: pd.DataFrame
-    main: list[str]
+    selected: dict | None
+    miou: pd.DataFrame
+    arms: list[str]
     hardware: str
-    n_boot: int
     level: float
-    seed: int
 
     @property
     def strict(self) -> pd.DataFrame:
-        """Time to the strict target of the main arms (sweep points left out)."""
-        return self.ttt[(self.ttt["relax"] == 0) & self.ttt["run_id"].isin(self.main)]
+        return self.ttt[self.ttt["relax"] == 0]
 
     @property
     def seeds(self) -> list[int]:
-        return sorted(self.curves["seed"].unique().tolist())
+        return sorted(self.runs.loc[self.runs["role"] == "scored", "seed"].unique().tolist())
+
+    @property
+    def energy_kind(self) -> str:
+        kinds = set(self.runs.loc[self.runs["role"] == "scored", "energy_kind"])
+        return "measured" if kinds == {"measured"} else "none" if kinds <= {"none"} else "modelled"
 
 
-def analyze(results_dir: str | Path, study: str, *, interpolate: bool = False,
-            n_boot: int = 10_000, level: float = 0.95, seed: int = 0) -> Analysis:
+def analyze(results_dir: str | Path, study: str, *, level: float = 0.95) -> Analysis:
     """Load results/<study> (`results_dir`) and compute every table of the report."""
     runs = A.load_runs(results_dir)
-    curves, finetune = A.load_pretrain(results_dir), A.load_finetune(results_dir)
-    if curves.empty:
+    if runs.empty:
         raise ValueError(f"{results_dir}: no pre-training runs")
-    macs = {}
-    for (run_id, _), info in runs.items():
-        macs.setdefault(run_id, macs_per_step(info))
-    ttt = A.add_flops(A.times_to_targets(curves, interpolate=interpolate),
-                      {r: m[0] for r, m in macs.items()}, {r: m[1] for r, m in macs.items()})
-    main = ordered_arms(curves.loc[~A.is_sweep(curves), "run_id"].unique())
-    strict = ttt[ttt["relax"] == 0]
-    stats = dict(n_boot=n_boot, level=level, seed=seed)
+    curves, finetune = A.load_pretrain(results_dir, runs), A.load_finetune(results_dir)
+    done = A.final(runs)
+    target, n_target = A.target_loss(curves[curves["status"].isin(A.FINAL)])
+    seg = A.segments(curves, runs)
+    step_sec = A.arm_step_seconds(seg)
+    ttt = pd.concat([A.time_to_target(curves, done, t, step_sec).assign(relax=r)
+                     for r, t in A.relaxed_targets(target).items()], ignore_index=True)
+    arms = ordered_arms(runs.loc[runs["role"] == "scored", "arm"])
+    others = [a for a in arms if a != A.BASELINE]
+    bc = A.budget_curves(done, curves, step_sec)
+    sel_path = Path(results_dir) / "tuning" / "selected.json"
     return Analysis(
-        study=study, curves=curves, finetune=finetune, target=float(strict["target"].iloc[0]), ttt=ttt,
-        comparisons=A.comparisons(strict, [r for r in main if r != A.BASELINE], COST_METRICS, **stats),
-        overhead=A.overhead(curves), miou=A.miou(finetune, **stats) if len(finetune) else pd.DataFrame(),
-        equal_budget=A.equal_budget(curves, finetune), sweep=A.sweep_table(curves, strict),
-        main=main, hardware=_hardware(curves), **stats)
+        study=study, runs=runs, curves=curves, finetune=finetune, target=target, n_target=n_target,
+        segments=seg, step_sec=step_sec, ttt=ttt,
+        comparisons=A.comparisons(ttt[ttt["relax"] == 0], others, level=level),
+        noise=A.noise_check(ttt[ttt["relax"] == 0], step_sec), overhead=A.overhead(seg, runs, curves),
+        budgets=bc, budget_ttt=A.budget_time_to_target(bc, target),
+        tuning=A.tuning_table(runs, curves), sweep=A.tuning_table(runs, curves, role="sweep"),
+        selected=json.loads(sel_path.read_text()) if sel_path.is_file() else None,
+        miou=A.miou(finetune, [a for a in arms if a != "identity"]) if len(finetune) else pd.DataFrame(),
+        arms=arms, hardware=_hardware(runs), level=level)
 
 
-def ordered_arms(run_ids: Iterable[str]) -> list[str]:
-    """Distinct run_ids, known arms first in their usual order, then the rest alphabetically."""
+def ordered_arms(arms: Iterable[str]) -> list[str]:
+    """Distinct arms, known arms first in their usual order, then the rest alphabetically."""
     known = ["bp", "dbp", "identity", "scratch"]
-    return sorted(set(run_ids), key=lambda r: (known.index(r) if r in known else len(known), r))
+    return sorted(set(arms), key=lambda r: (known.index(r) if r in known else len(known), r))
 
 
-def _in_main_order(df: pd.DataFrame, main: list[str]) -> pd.DataFrame:
-    """The rows of the main arms, in arm order (then seed, where there is one)."""
-    order = {r: i for i, r in enumerate(main)}
-    keys = ["_order", *(["seed"] if "seed" in df.columns else [])]
-    df = df[df["run_id"].isin(order)]
-    return df.assign(_order=df["run_id"].map(order)).sort_values(keys).drop(columns="_order")
-
-
-def _hardware(curves: pd.DataFrame) -> str:
-    cpus = " / ".join(sorted(set(curves["cpu_model"].dropna()) - {""})) or "unknown CPU"
-    gpus = " / ".join(sorted(set(curves["gpu_names"].dropna()) - {""})) or "no GPU"
+def _hardware(runs: pd.DataFrame) -> str:
+    cpus = " / ".join(sorted(set(runs["cpu_model"].dropna()) - {""})) or "unknown CPU"
+    gpus = " / ".join(sorted(set(runs["gpu_names"].dropna()) - {""})) or "no GPU"
     return f"{cpus}; {gpus}"
 
 
@@ -157,135 +117,158 @@ def _pct(x: float) -> str:
     return _num(x) if not math.isfinite(x) else f"{100 * x:.1f} %"
 
 
-def _ci(lo: float, hi: float, fmt, degenerate: bool) -> str:
-    return f"[{fmt(lo)}, {fmt(hi)}]" + (" (1 seed: degenerate)" if degenerate else "")
-
-
 def _times(x: float) -> str:
     return f"{x:.2f}x" if math.isfinite(x) else _num(x)
 
 
-def _p(row) -> str:
-    return f"p = {row['p_value']:.3g} ({row['test']})"
+def _interval(r, fmt) -> str:
+    """"[lo, hi]" of a t interval, or "range of n seeds [lo, hi]" below the minimum."""
+    if r["interval"] == "none":
+        return "(no pair)"
+    n = r["n_both"] if "n_both" in r else r["n"]
+    label = "95 % t interval" if r["interval"] == "t" else f"range of {n} seeds"
+    return f"[{fmt(r['lo'])}, {fmt(r['hi'])}] ({label})"
+
+
+def _seeds(r) -> str:
+    return (f"{r['n']} (both reached {r['n_both']}; missed: BP {r['n_base_miss']}, "
+            f"arm {r['n_arm_miss']})")
 
 
 # ----------------------------------------------------------------------------- tables
 
+HEADLINE_ROWS = [("Wall-clock to target (steps x median step time; primary)", "seconds"),
+                 ("Wall-clock to target (measured)", "train_seconds"),
+                 ("CPU time to target", "cpu_seconds"),
+                 ("Steps to target", "step"),
+                 ("FLOPs to target", "flops"),
+                 ("Energy to target", "energy_kwh")]
+
+
 def headline_table(a: Analysis, arm: str = "dbp") -> pd.DataFrame:
-    """The paper's headline claims, ours beside theirs: cost reductions to the target
-    (median over seeds), the speed-up, and the mIoU change (mean over seeds, points)."""
-    ci = f"Ours [{a.level:.0%} CI]"
-    cmp = (a.comparisons[a.comparisons["run_id"] == arm].set_index("metric")
-           if len(a.comparisons) else None)
+    """The headline: speed-up T_BP / T_arm (geometric mean over seeds, interval or range)
+    and reduction 1 - 1/speed-up for every cost, the budget-curve reading, and mIoU."""
+    cmp = a.comparisons[a.comparisons["arm"] == arm].set_index("metric") if len(a.comparisons) else None
     rows = []
-    for label, metric in [("Wall-clock to target: reduction", "train_seconds"),
-                          ("CO2eq to target: reduction", "co2_kg"),
-                          ("Energy to target: reduction", "energy_kwh"),
-                          ("Steps to target: reduction", "step"),
-                          ("FLOPs to target: reduction", "flops")]:
-        rows.append(_cost_row(label, cmp, metric, "reduction", _pct, ci))
-    rows.insert(1, _cost_row("Speed-up T_BP / T_DBP", cmp, "train_seconds", "speedup", _times, ci))
-    rows.append(_miou_row(a, arm, ci))
+    for label, metric in HEADLINE_ROWS:
+        if metric == "energy_kwh":
+            label = f"Energy to target ({a.energy_kind})"
+        if cmp is None or metric not in cmp.index or (metric == "energy_kwh" and a.energy_kind == "none"):
+            continue
+        r = cmp.loc[metric]
+        paper = PAPER.get(metric, "–")
+        rows.append(_speedup_row(label, r, paper))
+    rows.append(_budget_row(a, arm))
+    rows += _miou_rows(a, arm)
     return pd.DataFrame(rows)
 
 
-def _cost_row(label: str, cmp: pd.DataFrame | None, metric: str, key: str, fmt, ci: str) -> dict:
-    paper = PAPER.get(key if key == "speedup" else metric, "–")
-    if cmp is None or metric not in cmp.index:
-        return {"Quantity": label, ci: "n/a", "Paper": paper, "Seeds": "0", "Paired test": "–"}
-    r = cmp.loc[metric]
-    if r["n_seeds"] == r["n_undefined"]:
-        return {"Quantity": label, ci: "n/a (no seed with a defined ratio)", "Paper": paper,
-                "Seeds": str(r["n_seeds"]), "Paired test": "–"}
-    return {"Quantity": label,
-            ci: f"{fmt(r[key])} {_ci(r[key + '_lo'], r[key + '_hi'], fmt, r['ci_degenerate'])}",
-            "Paper": paper,
-            "Seeds": f"{r['n_seeds']} (not reached: BP {r['n_base_not_reached']}, "
-                     f"DBP {r['n_not_reached']})",
-            "Paired test": _p(r)}
+def _speedup_row(label: str, r, paper: str) -> dict:
+    g = r["geo_mean"]
+    return {"Quantity": label, "Speed-up (geo. mean)": f"{_times(g)} {_interval(r, _times)}",
+            "Reduction": _pct(1 - 1 / g) if g > 0 else _num(g), "Paper": paper, "Seeds": _seeds(r),
+            "Exact paired test": f"p = {r['p_value']:.3g} (sign-flip)"}
 
 
-def _miou_row(a: Analysis, arm: str, ci: str) -> dict:
-    label = "mIoU change (points, mean)"
-    row = a.miou[a.miou["run_id"] == arm] if len(a.miou) else a.miou
-    if row.empty or row["n_pairs"].iloc[0] == 0:
-        return {"Quantity": label, ci: "n/a (no paired fine-tunes)", "Paper": PAPER["mIoU"],
-                "Seeds": "0", "Paired test": "–"}
-    r = row.iloc[0]
-    pts = lambda x: _num(100 * x, "+.2f")  # noqa: E731
-    interval = _ci(r["diff_lo"], r["diff_hi"], pts, r["n_pairs"] < 2)
-    return {"Quantity": label, ci: f"{pts(r['diff'])} {interval}",
-            "Paper": PAPER["mIoU"], "Seeds": str(r["n_pairs"]), "Paired test": _p(r)}
+def _budget_row(a: Analysis, arm: str) -> dict:
+    """Time to target read off each seed's budget curve (fully decayed runs), paired."""
+    b = a.budget_ttt.pivot(index="seed", columns="arm", values="seconds") if len(a.budget_ttt) else None
+    label = "Wall-clock to target from the budget curve (median step time)"
+    if b is None or A.BASELINE not in b or arm not in b:
+        return {"Quantity": label, "Speed-up (geo. mean)": "n/a (no budget ladder)", "Reduction": "–",
+                "Paper": "–", "Seeds": "0", "Exact paired test": "–"}
+    both = b[[A.BASELINE, arm]].dropna(how="all")
+    from dbp.stats import ratio_summary
+    return _speedup_row(label, ratio_summary(both[A.BASELINE], both[arm], a.level), "–")
+
+
+def _miou_rows(a: Analysis, arm: str) -> list[dict]:
+    rows = []
+    for r in a.miou[a.miou["arm"] == arm].to_dict("records") if len(a.miou) else []:
+        pts = lambda x: _num(100 * x, "+.2f")  # noqa: E731
+        rows.append({"Quantity": f"mIoU change vs {r['vs']} (points)",
+                     "Speed-up (geo. mean)": f"{pts(r['mean'])} {_interval(r, pts)}",
+                     "Reduction": "–", "Paper": PAPER["mIoU"] if r["vs"] == "bp" else "–",
+                     "Seeds": str(r["n"]), "Exact paired test": f"p = {r['p_value']:.3g} (sign-flip)"})
+    return rows
 
 
 def relaxed_table(a: Analysis, arm: str = "dbp") -> pd.DataFrame:
-    """Wall-clock reduction at the strict and the relaxed targets (+1 %, +2 %, +5 %): is the
+    """The primary speed-up at the strict and the relaxed targets (+1 %, +2 %, +5 %): is the
     gain an artefact of where exactly the target falls?"""
-    ci, rows = f"Reduction [{a.level:.0%} CI]", []
-    for relax, t in a.ttt[a.ttt["run_id"].isin(a.main)].groupby("relax"):
-        cmp = A.comparisons(t, [arm], ["train_seconds"], n_boot=a.n_boot, level=a.level, seed=a.seed)
-        row = _cost_row("", cmp.set_index("metric"), "train_seconds", "reduction", _pct, ci)
-        rows.append({"Target": f"+{relax:.0%} ({t['target'].iloc[0]:.4f})", ci: row[ci],
-                     "Seeds": row["Seeds"], "Paired test": row["Paired test"]})
+    rows = []
+    for relax, t in a.ttt.groupby("relax"):
+        r = A.compare(t, arm, "seconds", level=a.level)
+        rows.append({"Target": f"+{relax:.0%} ({t['target'].iloc[0]:.4f})",
+                     **{k: v for k, v in _speedup_row("", r, "").items() if k not in ("Quantity", "Paper")}})
     return pd.DataFrame(rows)
 
 
 def per_seed_table(a: Analysis) -> pd.DataFrame:
-    """Every main run at the strict target: costs, speed-up and reduction vs BP of its seed,
-    best validation loss and mIoU (rule 7: report every seed)."""
+    """Every scored base run at the strict target: first and sustained crossing, the costs
+    and the paired speed-up against BP of its seed (rule 8: every seed)."""
+    t = A.base_runs(a.strict)
     best = A.run_summary(a.curves)[["run_id", "seed", "best_val_loss"]]
-    t = a.strict.merge(best, on=["run_id", "seed"])
-    pairs = pd.concat([A.paired(a.strict, r).assign(run_id=r) for r in a.main if r != A.BASELINE]
-                      or [pd.DataFrame(columns=["run_id", "seed", "speedup", "reduction"])])
-    t = t.merge(pairs[["run_id", "seed", "speedup", "reduction"]], on=["run_id", "seed"], how="left")
-    t = _in_main_order(A.with_miou(t, a.finetune), a.main)
+    t = t.merge(best, on=["run_id", "seed"])
+    ratio = {arm: A.paired_ratios(a.strict, arm, "seconds") for arm in a.arms}
+    shared = a.segments.groupby(["run_id", "seed"])["shared"].sum()
+    t = t.assign(_o=t["arm"].map(a.arms.index)).sort_values(["_o", "seed"])
     return pd.DataFrame({
-        "Arm": t["run_id"], "Seed": t["seed"], "Status": t["status"],
+        "Arm": t["arm"], "Seed": t["seed"], "Status": t["status"],
         "Best val loss": t["best_val_loss"].map(lambda x: _num(x, ".4f")),
-        "Time to target (s)": t["train_seconds"].map(lambda x: _num(x, ".1f")),
-        "Steps": t["step"].map(lambda x: _num(x, ".0f")),
-        "FLOPs": t["flops"].map(lambda x: _num(x, ".3g")),
-        "Energy (kWh)": t["energy_kwh"].map(_num),
-        "CO2eq (g)": (1000 * t["co2_kg"]).map(_num),
-        "Speed-up vs BP": t["speedup"].map(_times),
-        "Reduction vs BP": t["reduction"].map(_pct),
-        "mIoU (points)": (100 * t["mIoU"]).map(lambda x: _num(x, ".2f")),
+        "Step (first)": t["step"].map(lambda x: _num(x, ".0f")),
+        "Step (sustained)": t["sustained_step"].map(lambda x: _num(x, ".0f")),
+        "Time, median step (s)": t["seconds"].map(lambda x: _num(x, ".1f")),
+        "Time, measured (s)": t["train_seconds"].map(lambda x: _num(x, ".1f")),
+        "CPU time (s)": t["cpu_seconds"].map(lambda x: _num(x, ".1f")),
+        "Speed-up vs BP": [_times(ratio[r.arm].get(r.seed, math.nan)) for r in t.itertuples()],
+        "Shared segments": [int(shared.get((r.run_id, r.seed), 0)) for r in t.itertuples()],
     })
 
 
 def overhead_table(a: Analysis) -> pd.DataFrame:
-    """Step time of each arm and its ratio to BP paired by seed (rule 6), and throughput."""
-    o = _in_main_order(a.overhead, a.main)
+    """Step time per arm and its ratio to BP (rule 6), throughput, contention, mean power."""
+    o = a.overhead.assign(_o=a.overhead["arm"].map(a.arms.index)).sort_values("_o")
     return pd.DataFrame({
-        "Arm": o["run_id"], "Seeds": o["n_seeds"],
+        "Arm": o["arm"], "Runs": o["n_runs"],
         "Seconds per step (median)": o["sec_per_step"].map(lambda x: _num(x, ".4f")),
-        "Step-time ratio vs BP [min, max]": [
+        "Ratio vs BP [per-seed min, max]": [
             f"{_num(r, '.3f')} [{_num(lo, '.3f')}, {_num(hi, '.3f')}]"
             for r, lo, hi in o[["ratio", "ratio_min", "ratio_max"]].to_numpy()],
         "Images/s (median)": o["images_per_second"].map(lambda x: _num(x, ".1f")),
+        "CPU use (cores, median)": o["cpu_util"].map(lambda x: _num(x, ".2f")),
+        "Shared segments": [f"{s} of {n}" for s, n in o[["n_shared", "n_segments"]].to_numpy()],
+        "Mean power (W)": [f"{_num(w, '.1f')} ({k})" for w, k in o[["watts", "energy_kind"]].to_numpy()],
     })
 
 
-def sweep_display(a: Analysis) -> pd.DataFrame:
-    """One row per sweep point (empty when the study has no sweep)."""
-    s = a.sweep
-    keys = {c: c.removeprefix(A.SWEEP) for c in A.sweep_columns(s)}
-    out = s[["run_id", *keys]].rename(columns={"run_id": "Sweep point", **keys}).astype(str)
-    return out.assign(**{"Seeds": s["n_seeds"].astype(str), "Reached": s["n_reached"].astype(str),
-                         "Diverged": s["n_diverged"].astype(str),
-                         "Time to target, median (s)": s["time_to_target"].map(lambda x: _num(x, ".1f")),
-                         "Final val loss, median": s["final_val_loss"].map(lambda x: _num(x, ".4f"))})
+def tuning_display(a: Analysis, table: pd.DataFrame) -> pd.DataFrame:
+    """Every trial (or sweep point): its values, seeds and mean final validation loss; the
+    winner per arm is marked."""
+    winners = {c["run_id"] for c in (a.selected or {}).get("arms", {}).values()}
+    keys = {c: c.removeprefix(A.SWEEP) for c in A.sweep_columns(table) if table[c].notna().any()}
+    out = table[["run_id", "arm", *keys]].rename(columns={"run_id": "Run", "arm": "Arm", **keys})
+    return out.astype(str).assign(**{
+        "Seeds": table["n_seeds"].astype(str).to_numpy(),
+        "Final val loss (mean)": table["final_val_loss"].map(lambda x: _num(x, ".4f")).to_numpy(),
+        "Selected": ["yes" if r in winners else "" for r in table["run_id"]]})
 
 
-def equal_budget_display(a: Analysis) -> pd.DataFrame:
-    """Validation loss (and mIoU) of every main run at the same training-time budget."""
-    e = _in_main_order(a.equal_budget, a.main)
+def budgets_display(a: Analysis, arm: str = "dbp") -> pd.DataFrame:
+    """Per seed of the ladder: each budget's BP final loss against the arm's loss at the
+    same time (rule 9: each arm decayed to its own budget), and the budget-curve crossings."""
+    e = A.equal_time(a.budgets, arm)
+    b = a.budget_ttt.set_index(["arm", "seed"])
+    cross = lambda s, x: (f"{_num(b.loc[(x, s), 'seconds'], '.1f')} s ({b.loc[(x, s), 'kind']})"  # noqa: E731
+                          if (x, s) in b.index else "–")
     return pd.DataFrame({
-        "Arm": e["run_id"], "Seed": e["seed"], "Status": e["status"],
-        "Budget (s)": e["budget"].map(lambda x: _num(x, ".1f")), "Step": e["step"],
-        "Train time (s)": e["train_seconds"].map(lambda x: _num(x, ".1f")),
-        "Val loss": e["val_loss"].map(lambda x: _num(x, ".4f")),
-        "mIoU (points)": (100 * e["mIoU"]).map(lambda x: _num(x, ".2f")),
+        "Seed": e["seed"], "BP steps": e["baseline_steps"],
+        "Time (s, median step)": e["seconds"].map(lambda x: _num(x, ".1f")),
+        "BP final loss": e["baseline_loss"].map(lambda x: _num(x, ".4f")),
+        f"{arm} loss at equal time": e["arm_loss"].map(lambda x: _num(x, ".4f")),
+        "Difference": e["diff"].map(lambda x: _num(x, "+.4f")),
+        "BP reaches target at": [cross(s, A.BASELINE) for s in e["seed"]],
+        f"{arm} reaches target at": [cross(s, arm) for s in e["seed"]],
     })
 
 
@@ -323,45 +306,101 @@ def to_latex(df: pd.DataFrame, title: str, caption: str, label: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _flags(a: Analysis) -> str:
+    """What a reader must know before trusting the headline: contention, the noise
+    detector, unfinished runs, pinned tuning, too few seeds."""
+    out = []
+    noisy = a.noise[a.noise["flag"]] if len(a.noise) else a.noise
+    if len(noisy):
+        out.append(f"NOISE FLAG: identity's measured ratio is off its step-time overhead by more than "
+                   f"{A.NOISE_TOLERANCE:.0%} on seeds {noisy['seed'].tolist()}: measured wall-clock "
+                   "there is not trustworthy (the primary row uses median step times).")
+    shared = int(a.segments.loc[a.segments["role"] == "scored", "shared"].sum())
+    if shared:
+        out.append(f"{shared} of {int((a.segments['role'] == 'scored').sum())} scored training "
+                   "segments shared their cores with another process.")
+    open_runs = A.unfinished(a.runs)
+    if len(open_runs):
+        out.append("Unfinished runs (not scored): " + ", ".join(
+            f"{r.run_id}/seed{r.seed} ({r.status})" for r in open_runs.itertuples()) + ".")
+    if a.selected is None:
+        out.append("Tuning: pinned by the config (tuning.enabled: false), not tuned.")
+    else:
+        out.append("Tuning winners: " + "; ".join(
+            f"{arm} {c['values']}" + (f" (from {c['from']})" if c.get("from") else "")
+            for arm, c in a.selected["arms"].items()) + ".")
+    if a.n_target < 5:
+        out.append(f"Only {a.n_target} target-setting runs (the protocol asks for 5).")
+    if len(a.seeds) < 6:
+        out.append(f"{len(a.seeds)} scored seeds: an exact paired test cannot reach p < 0.05 "
+                   "below 6.")
+    return " ".join(out)
+
+
 def _captions(a: Analysis) -> dict[str, tuple[str, str]]:
-    common = (f"Study '{a.study}', seeds {a.seeds}, {a.hardware}. Target = median over BP seeds of "
-              f"each seed's best validation loss = {a.target:.4f}.")
+    common = (f"Study '{a.study}', scored seeds {a.seeds}, {a.hardware}. Target = median of the "
+              f"best validation losses of {a.n_target} BP target-setting runs (never scored) = "
+              f"{a.target:.4f}.")
     return {
-        "headline": ("Headline: DBP-MAE vs BP-MAE", f"{common} Costs to the first validation point at "
-                     f"or below the target; not reached = infinite, counted. {a.level:.0%} percentile "
-                     f"bootstrap intervals over seeds ({a.n_boot} resamples); paired test on "
-                     "log(T_BP/T_DBP): Wilcoxon signed-rank for >= 5 pairs, else exact sign test."),
-        "per_seed": ("Every seed at the target",
-                     f"{common} Speed-up and reduction against BP of the same seed."),
-        "overhead": ("Step-time overhead", f"{common} Median over validation segments of training "
-                     "seconds per step; ratio to BP paired by seed (identity = DBP layers with "
-                     "decor_lr = 0)."),
-        "relaxed": ("Relaxed targets", f"{common} DBP's wall-clock reduction against BP at "
-                    "target x (1 + r)."),
-        "sweep": ("Sweep", f"{common} One row per sweep point; a diverged run's final loss counts "
-                  "as infinite." + ("" if len(a.sweep) else " This study has no sweep points.")),
-        "equal_budget": ("Equal training-time budget", f"{common} Last validation point within "
-                         "the budget (the shortest finished run); schedules not re-decayed to it."),
+        "headline": ("Headline: DBP-MAE against BP-MAE", f"{common} Speed-up = T_BP / T_DBP per "
+                     "seed at the first validation point at or below the target; geometric mean "
+                     "over seeds where both reached, with a t interval on the log ratios (range "
+                     "below 5 pairs); exact two-sided sign-flip test over every seed (a miss "
+                     "counts as the most extreme value). Primary wall-clock = steps to target x "
+                     "the arm's median seconds per step over its unshared segments. Energy: "
+                     f"{a.energy_kind}" + (" (codecarbon's TDP x load estimate: a rescaled "
+                     "clock, not comparable with the paper's 21.4 % CO2)" if a.energy_kind ==
+                     "modelled" else "") + f". {_flags(a)}"),
+        "per_seed": ("Every scored seed at the target", f"{common} Speed-up at the primary "
+                     "wall-clock; shared segments = timed segments where another process used "
+                     "the cores."),
+        "overhead": ("Step-time overhead and contention", f"{common} Median over unshared "
+                     "segments of seconds per step (identity = DBP layers with decor_lr = 0: "
+                     "DBP's overhead without its effect); CPU use = process CPU seconds per "
+                     "wall second; mean power = energy / training time."),
+        "relaxed": ("Relaxed targets", f"{common} DBP's primary speed-up at target x (1 + r)."),
+        "tuning": ("Tuning trials", f"{common} Every arm's trials on the tuning seeds, fully "
+                   "decayed base-budget schedules; the lowest mean final validation loss wins "
+                   "and feeds every target-setting and scored run." +
+                   ("" if a.selected else " This study pinned its values instead.")),
+        "budgets": ("Budget ladder", f"{common} Fully decayed runs at several budgets; DBP's loss "
+                    "at BP's time read off DBP's budget curve (linear between budgets; – outside "
+                    "them), and where each curve reaches the target."),
+        "sweep": ("Sweep (exploration, tuning seeds, never scored)", f"{common}" +
+                  ("" if len(a.sweep) else " This study has no sweep.")),
     }
 
 
-def write_report(results_dir: str | Path, study_name: str, **analyze_kwargs) -> list[Path]:
-    """Write the tables (.md and .tex) and tidy CSVs into `results_dir` (= results/<study>).
-
-    Returns the paths written. `analyze_kwargs` go to `analyze` (interpolate, n_boot, ...).
-    """
+def write_report(results_dir: str | Path, study_name: str, readme: str | Path | None = None,
+                 **analyze_kwargs) -> list[Path]:
+    """Write the tables (.md and .tex) and tidy CSVs into `results_dir` (= results/<study>);
+    with `readme`, also replace its headline block by the headline table. Returns the paths."""
     out = Path(results_dir)
     a = analyze(out, study_name, **analyze_kwargs)
     tables = {"headline": headline_table(a), "relaxed": relaxed_table(a), "per_seed": per_seed_table(a),
-              "overhead": overhead_table(a), "sweep": sweep_display(a),
-              "equal_budget": equal_budget_display(a)}
+              "overhead": overhead_table(a), "tuning": tuning_display(a, a.tuning),
+              "budgets": budgets_display(a), "sweep": tuning_display(a, a.sweep)}
     texts = {}
     for name, (title, caption) in _captions(a).items():
         texts[f"{name}.md"] = to_markdown(tables[name], title, caption)
         texts[f"{name}.tex"] = to_latex(tables[name], title, caption, f"tab:{study_name}-{name}")
     for name, df in {"pretrain_runs": a.curves, "finetune_runs": a.finetune, "time_to_target": a.ttt,
-                     "comparisons": a.comparisons}.items():
+                     "comparisons": a.comparisons, "segments": a.segments, "budget_runs": a.budgets}.items():
         texts[f"{name}.csv"] = df.to_csv(index=False)
     for name, text in texts.items():
         atomic_write_text(out / name, text)
-    return [out / name for name in texts]
+    paths = [out / name for name in texts]
+    if readme is not None:
+        update_readme(readme, texts["headline.md"])
+        paths.append(Path(readme))
+    return paths
+
+
+def update_readme(readme: str | Path, headline_md: str) -> None:
+    """Replace the text between the README's headline markers by `headline_md`."""
+    text = Path(readme).read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme}: no {README_START} ... {README_END} block to fill")
+    head, rest = text.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    atomic_write_text(readme, f"{head}{README_START}\n{headline_md}{README_END}{tail}")

@@ -1,4 +1,4 @@
-"""The decorrelation update rule as pure tensor functions (see ../shared/docs/method.md).
+"""The decorrelation update rule as pure tensor functions (see docs/method.md).
 
 Statistics are kept as sums (sum z z^T, sum z, row count) so that micro-batches and
 ranks combine by plain addition before one update.

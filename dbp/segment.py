@@ -5,10 +5,10 @@ encoder's PRESETS entry + Feature2Pyramid + UPerHead + auxiliary FCNHead) for an
 ADE20K-layout folder; `finetune` runs it through mmengine's Runner (train, IoU validation,
 checkpoints, resume) and writes metrics.json and run.json beside mmengine's own logs.
 
-What the training clock counts (dbp.measure.Clock, rule 3): from the first training iteration
-of a process to the end of training, including data loading, the optimizer and LR
-scheduling; excluded are validation (paused by hooks), checkpoint writing, runner start-up
-and the data-loader fast-forward on resume. Energy is metered over exactly the counted time.
+What the training clock counts (dbp.measure.Clock, docs/protocol.md rule 3): from the first
+training iteration of a process to the end of training, including data loading, the optimizer
+and LR scheduling; excluded are validation (paused by hooks), checkpoint writing, runner
+start-up and the data-loader fast-forward on resume. Energy is metered over exactly the counted time.
 
 Quiet by default: the terminal gets mmengine's errors only; its INFO and WARNING log, mmseg's
 stdout prints (LayerDecay's param-group JSON, the checkpoint loader) and Python warnings go to

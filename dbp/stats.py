@@ -45,7 +45,7 @@ def sign_flip_test(x: Sequence[float]) -> float:
     finite = np.abs(v[np.isfinite(v)])
     extreme = 2.0 * (finite.max() if finite.size else 1.0) + 1.0
     v = np.where(np.isinf(v), np.sign(v) * extreme, v)
-    if not v.any():
+    if v.size == 1 or not v.any():  # one pair: both sign patterns are as extreme
         return 1.0
     n_resamples = np.inf if v.size <= 16 else 100_000
     res = stats.permutation_test((v,), np.mean, permutation_type="samples", alternative="two-sided",

@@ -7,6 +7,7 @@ Subsets depend only on (seed, the sorted list), never on directory order or glob
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import posixpath
@@ -82,6 +83,25 @@ def sample_subset(paths: Sequence[str], fraction: float, seed: int,
     for g in groups:
         chosen += [g[i] for i in rng.permutation(len(g))[:_take(len(g), fraction)]]
     return sorted(chosen)
+
+
+def spread_sample(paths: Sequence[str], n: int | None, seed: int = 0) -> list[str]:
+    """n of `paths` spread over their classes (parent folders), sorted; all when n is None.
+
+    Round-robin over the sorted classes, each class in its own order (a permutation by
+    default_rng(seed), so it depends on that class's files only), so a small set still covers
+    every class instead of the first few (the sorted list's first N would). `seed` is fixed,
+    not the run's, so every arm and seed of a study sees the same set.
+    """
+    if n is None:
+        return sorted(paths)
+    by_class: dict[str, list[str]] = {}
+    for p in sorted(paths):
+        by_class.setdefault(posixpath.dirname(p), []).append(p)
+    orders = [[g[i] for i in np.random.default_rng(seed).permutation(len(g))]
+              for g in (by_class[c] for c in sorted(by_class))]
+    rounds = [p for rnd in itertools.zip_longest(*orders) for p in rnd if p is not None]
+    return sorted(rounds[:n])
 
 
 def manifest_hash(rel_paths: Sequence[str]) -> str:

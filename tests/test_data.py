@@ -16,8 +16,9 @@ from PIL import Image
 from dbp import embedded
 from dbp.datasets import (IMAGENET_MEAN, IMAGENET_STD, ADESegDataset, ImageFolderDataset,
                           check_readable)
+from dbp.data import prepare_pretrain_data
 from dbp.subset import (list_ade_stems, list_images, manifest_hash, read_manifest,
-                        sample_subset, write_manifest)
+                        sample_subset, spread_sample, write_manifest)
 
 TINY = dict(imagenet_per_class=3, imagenet_val_per_class=2, ade_train=5, ade_val=3, image_size=32)
 K = len(embedded.SOURCES)
@@ -181,6 +182,33 @@ def test_sample_subset_class_balanced(tree):
     assert per_class(sample_subset(paths, 0.1, seed=0, class_balanced=True)) == {"a": 1, "b": 1, "c": 1}
     assert per_class(sample_subset(paths, 0.5, seed=0, class_balanced=True)) == {"a": 5, "b": 4, "c": 2}
     assert per_class(sample_subset(paths, 0.25, seed=0, class_balanced=True)) == {"a": 3, "b": 2, "c": 1}
+
+
+def test_spread_sample_covers_every_class_the_same_way_each_time(tree):
+    paths = list_images(tree, "train")  # a: 10, b: 7, c: 3 images
+
+    def per_class(sub: list[str]) -> dict[str, int]:
+        return {c: sum(p.startswith(f"train/{c}/") for p in sub) for c in "abc"}
+    five = spread_sample(paths, 5)
+    assert five == sorted(five) == spread_sample(paths[::-1], 5) == spread_sample(paths, 5)
+    assert per_class(five) == {"a": 2, "b": 2, "c": 1}  # round-robin, not the first classes
+    assert per_class(paths[:5]) == {"a": 5, "b": 0, "c": 0}
+    assert per_class(spread_sample(paths, 12)) == {"a": 5, "b": 4, "c": 3}  # c runs out
+    assert set(spread_sample(paths, 4)) <= set(spread_sample(paths, 8))
+    assert spread_sample(paths, None) == spread_sample(paths, 100) == paths
+
+
+def test_pretrain_val_subset_spreads_over_classes(tiny):
+    def val(n, seed=0):
+        return prepare_pretrain_data(kind="imagenet", root=tiny / "imagenet", embedded_seed=0,
+                                     fraction=0.5, class_balanced=False, on_error="skip",
+                                     val_images=n, image_size=32, seed=seed).val.rel_paths
+    every = list_images(tiny / "imagenet", "val")  # 2 per class
+    assert val(None) == every
+    chosen = val(K + 3)
+    assert len(chosen) == K + 3 and chosen != every[:K + 3]
+    assert chosen == val(K + 3, seed=5)  # the run's seed changes the train subset only
+    assert {p.split("/")[1] for p in chosen} == {p.split("/")[1] for p in every}
 
 
 def test_manifest_round_trip_and_hash(tree):

@@ -192,6 +192,33 @@ def test_clock_state_round_trip_continues_totals(fake_time):
             pass
 
 
+def test_clock_charges_process_cpu_time_to_training_only(fake_time, monkeypatch):
+    cpu = FakeTime()
+    monkeypatch.setattr(measure.time, "process_time", cpu)
+    clock = Clock("cpu")
+    cpu.advance(7)  # before any span: charged to nothing
+    with clock.train():
+        cpu.advance(3)  # e.g. 1.5 s of wall time on 2 busy threads
+        with clock.excluded("eval"):
+            cpu.advance(5)
+        cpu.advance(1)
+        assert clock.cpu_seconds == pytest.approx(4, abs=1e-9)  # live, mid-span
+    with clock.excluded("checkpoint"):
+        cpu.advance(2)
+    assert clock.cpu_seconds == pytest.approx(4, abs=1e-9)
+    state = json.loads(json.dumps(clock.state_dict()))
+    assert state["cpu_seconds"] == pytest.approx(4, abs=1e-9)
+
+    resumed = Clock("cpu")
+    resumed.load_state_dict(state)
+    with resumed.train():
+        cpu.advance(2)
+    assert resumed.cpu_seconds == pytest.approx(6, abs=1e-9)
+    old = Clock("cpu")  # a state saved before CPU time was recorded: unknown, not zero
+    old.load_state_dict({"train_seconds": 1.0, "excluded_seconds": {}})
+    assert np.isnan(old.cpu_seconds)
+
+
 def test_clock_synchronises_the_device_before_every_read(monkeypatch):
     events = []
     monkeypatch.setattr(measure.time, "perf_counter", lambda: events.append("read") or float(len(events)))

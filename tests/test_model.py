@@ -10,9 +10,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dbp import DecorLinear, DecorPatchEmbed, decorrelate, fuse
+from dbp import DecorLinear, DecorPatchEmbed, cost, decorrelate, fuse
 from dbp.model import (PRESETS, build_mae, encoder_state_dict, fixed_mask_noise, mask_noise,
-                       matmul_macs, num_visible, param_groups)
+                       matmul_macs, num_visible, param_groups, step_macs)
 
 TINY = "mae_vit_tiny_patch4_32"
 ENCODER_LAYERS = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
@@ -270,3 +270,18 @@ def test_matmul_macs_of_vit_base_is_plausible():
     assert sum(macs.values()) == 9_781_133_312
     assert 4.2e9 < macs["encoder_linear"] + macs["encoder_attention"] < 4.4e9
     assert sum(matmul_macs(model, batch_size=8).values()) == 8 * 9_781_133_312
+
+
+def test_step_macs_counts_the_matched_layers_with_their_tokens():
+    model = _tiny()
+    bp, extra = step_macs(model, 8, [ENCODER_LAYERS], 0.1, 2, True)
+    assert bp == 3 * sum(matmul_macs(model, batch_size=8).values())
+    # tiny: 4 blocks of qkv, proj, fc1, fc2 as (out, in), each on 8 x 17 encoder tokens
+    blocks = [(384, 128), (128, 128), (512, 128), (128, 512)] * 4
+    assert extra == pytest.approx(cost.dbp_extra_macs(blocks, 8 * 17, 0.1, 2, True), rel=1e-12)
+    patch = cost.dbp_extra_macs([(128, 48)], 8 * L, 0.1, 2, True)  # every patch, unmasked
+    _, with_patch = step_macs(model, 8, [ENCODER_LAYERS, r"patch_embed\.proj"], 0.1, 2, True)
+    assert with_patch == pytest.approx(extra + patch, rel=1e-12)
+    assert step_macs(model, 8, [], 0.1, 2, True) == (bp, 0.0)  # plain BP: no extra work
+    decorrelate(model, [ENCODER_LAYERS])  # same names and shapes: the same count
+    assert step_macs(model, 8, [ENCODER_LAYERS], 0.1, 2, True) == (bp, extra)

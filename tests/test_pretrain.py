@@ -1,6 +1,7 @@
 """The pre-training engine on tiny data: outputs, pairing, resume, divergence, bad files."""
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from dbp.embedded import make_embedded
 from dbp.pretrain import COLUMNS, learning_rate, pretrain
 
 TIME_COLUMNS = {"train_seconds", "eval_seconds", "checkpoint_seconds", "energy_kwh", "co2_kg",
-                "images_per_second"}
+                "images_per_second", "cpu_seconds", "cpu_util", "load_avg"}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,14 @@ def _rows(out):
         return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
+def _same_non_time(a, b):
+    """Equal rows apart from the timing columns (repr, so that NaN == NaN)."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert {k: repr(v) for k, v in x.items() if k not in TIME_COLUMNS} == \
+               {k: repr(v) for k, v in y.items() if k not in TIME_COLUMNS}
+
+
 def test_run_writes_metrics_run_json_and_checkpoints(imagenet, tmp_path):
     info = _run(_cfg(imagenet), "dbp", tmp_path)
     rows = _rows(tmp_path)
@@ -47,6 +56,9 @@ def test_run_writes_metrics_run_json_and_checkpoints(imagenet, tmp_path):
     assert [r["step"] for r in rows] == [0, 2, 4, 6]
     assert rows[0]["train_seconds"] == 0 and rows[-1]["train_seconds"] > rows[1]["train_seconds"] > 0
     assert rows[-1]["images_seen"] == 6 * 8
+    assert rows[0]["cpu_seconds"] == 0 and rows[-1]["cpu_seconds"] > rows[1]["cpu_seconds"] > 0
+    assert math.isnan(rows[0]["cpu_util"]) and all(r["cpu_util"] > 0 for r in rows[1:])
+    assert all(r["load_avg"] >= 0 for r in rows)
     assert all(0.0 < r["val_loss"] < 3.0 for r in rows)
     assert all(0.0 <= r["mean_abs_corr"] <= 1.0 for r in rows)
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]  # it learns
@@ -63,15 +75,23 @@ def test_run_writes_metrics_run_json_and_checkpoints(imagenet, tmp_path):
 
 def test_arms_are_paired_identity_equals_bp_exactly(imagenet, tmp_path):
     cfg = _cfg(imagenet)
-    _run(cfg, "bp", tmp_path / "bp")
-    _run(cfg, "identity", tmp_path / "id")
-    _run(cfg, "dbp", tmp_path / "dbp")
+    for arm, folder in (("bp", "bp"), ("identity", "id"), ("dbp", "dbp")):
+        _run(cfg, arm, tmp_path / folder,
+             run_info={"run_id": arm, "role": "scored", "tuned": arm != "identity"})
     bp, ident, dbp = (_rows(tmp_path / a) for a in ("bp", "id", "dbp"))
     # eta = 0: W R = W exactly, and DBP's subsampling has its own RNG, so nothing shifts
     assert [r["val_loss"] for r in bp] == [r["val_loss"] for r in ident]
     assert [r["train_loss"] for r in bp][1:] == [r["train_loss"] for r in ident][1:]
     assert bp[0]["val_loss"] == dbp[0]["val_loss"]  # same init, same fixed val masks
     assert bp[-1]["val_loss"] != dbp[-1]["val_loss"]
+    # run.json carries what the results side needs, so it never builds a model
+    runs = {a: json.loads((tmp_path / a / "run.json").read_text()) for a in ("bp", "id", "dbp")}
+    assert runs["bp"]["role"] == "scored" and runs["id"]["tuned"] is False
+    assert len({r["run_digest"] for r in runs.values()}) == 3
+    assert all(len(r["run_digest"]) == 64 for r in runs.values())
+    assert runs["bp"]["macs_per_step"] == runs["dbp"]["macs_per_step"] > 0
+    assert runs["bp"]["extra_macs_per_step"] == 0
+    assert runs["dbp"]["extra_macs_per_step"] == runs["id"]["extra_macs_per_step"] > 0  # eta = 0 pays too
 
 
 def test_kill_and_resume_ends_with_the_same_metrics(imagenet, tmp_path):
@@ -81,10 +101,46 @@ def test_kill_and_resume_ends_with_the_same_metrics(imagenet, tmp_path):
     assert not (tmp_path / "broken" / "final.pt").exists()
     info = _run(cfg, "dbp", tmp_path / "broken")
     assert info["resumed_from"] == [2]
-    whole, broken = _rows(tmp_path / "whole"), _rows(tmp_path / "broken")
-    for a, b in zip(whole, broken, strict=True):
-        assert {k: repr(v) for k, v in a.items() if k not in TIME_COLUMNS} == \
-               {k: repr(v) for k, v in b.items() if k not in TIME_COLUMNS}  # NaN == NaN too
+    _same_non_time(_rows(tmp_path / "whole"), _rows(tmp_path / "broken"))
+
+
+def test_changed_config_starts_over_instead_of_resuming(imagenet, tmp_path, capsys):
+    out = tmp_path / "run"
+    _run(_cfg(imagenet, **{"pretrain.steps": 4}), "dbp", out)
+    cfg = _cfg(imagenet)  # steps 4 -> 6: another schedule, so not a continuation
+    info = _run(cfg, "dbp", out)
+    printed = capsys.readouterr().out
+    assert "was made with a different config (digest" in printed and "starting over" in printed
+    assert "resumed_from" not in info
+    _run(cfg, "dbp", tmp_path / "fresh")
+    _same_non_time(_rows(tmp_path / "fresh"), _rows(out))
+    # another arm into the same folder restarts too, rather than failing on the state dicts
+    info = _run(_cfg(imagenet, **{"pretrain.steps": 2}), "bp", out)
+    assert info["status"] == "finished" and "resumed_from" not in info
+    assert not any(k.endswith(".R") for k in torch.load(out / "final.pt", weights_only=False)["state_dict"])
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert _run(_cfg(imagenet, **{"pretrain.steps": 2}), "bp", out)["status"] == "finished"
+    assert "(digest unreadable != " in capsys.readouterr().out
+
+
+def test_rerun_at_the_last_step_restores_every_output(imagenet, tmp_path):
+    cfg = _cfg(imagenet, **{"pretrain.steps": 4})
+    _run(cfg, "dbp", tmp_path)
+    metrics = (tmp_path / "metrics.csv").read_text()
+    run = json.loads((tmp_path / "run.json").read_text())
+    final = torch.load(tmp_path / "final.pt", weights_only=False)
+    for name in ("metrics.csv", "run.json", "final.pt"):  # killed after the last checkpoint
+        (tmp_path / name).unlink()
+    info = _run(cfg, "dbp", tmp_path)
+    assert info["resumed_from"] == [4]
+    assert (tmp_path / "metrics.csv").read_text() == metrics  # the rows come from the checkpoint
+    again = json.loads((tmp_path / "run.json").read_text())
+    for key in ("status", "steps_done", "run_digest", "macs_per_step", "extra_macs_per_step",
+                "manifest_hash"):
+        assert again[key] == run[key]
+    restored = torch.load(tmp_path / "final.pt", weights_only=False)
+    assert restored["run_digest"] == run["run_digest"]
+    assert all(torch.equal(v, restored["state_dict"][k]) for k, v in final["state_dict"].items())
 
 
 def test_divergence_stops_with_evidence(imagenet, tmp_path):

@@ -14,7 +14,7 @@ from dbp.embedded import make_embedded
 
 pytestmark = pytest.mark.slow
 TIMES = ["train_seconds", "eval_seconds", "checkpoint_seconds", "energy_kwh", "co2_kg",
-         "images_per_second"]
+         "images_per_second", "cpu_seconds", "cpu_util", "load_avg"]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The smoke study through snakemake-executor-plugin-slurm on a real SLURM cluster.
 
-Runs where `sinfo` answers (CI starts a single-node cluster from ../shared/slurm before the
-tests); skipped elsewhere."""
+Runs where `sinfo` answers (CI, `.ci/run`, starts a single-node cluster before the tests);
+skipped elsewhere."""
 import shutil
 import subprocess
 import sys

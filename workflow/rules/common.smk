@@ -13,8 +13,10 @@ from dbp.gpus import device_count
 
 RESOLVED = to_dict(STUDY)
 CONFIG_DIGEST = hashlib.sha256(json.dumps(RESOLVED, sort_keys=True).encode()).hexdigest()
-RUNS = STUDY.runs()  # run id -> arm, sweep overrides, seeds
+RUNS = STUDY.runs()  # run id -> arm, overrides (trial, budget, sweep point), seeds
 STUDY_CONFIG = f"{RESULTS}/config.yaml"
+# The tuning winners per arm, written by `select`, read by every target-setting and scored run.
+SELECTED = f"{RESULTS}/tuning/selected.json" if STUDY.tuning.enabled else None
 ENV = "../envs/dbp.yaml"  # the jobs' software under --use-conda
 if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
     PYTHON = f"env PYTHONPATH={workflow.basedir} python"  # the env's Python, this checkout's dbp
@@ -53,9 +55,19 @@ FT = STUDY.finetune
 FT_DATA = DATA_READY if FT.kind == "embedded" and FT.root == STUDY.data.root else []
 
 
+def tuning_runs():
+    """The run ids of the tuning trials (they do not read the selected values)."""
+    return [r for r, run in RUNS.items() if not run.tuned]
+
+
+def selected_of(w):
+    """The selected-values file a run reads (none for tuning trials, or when pinned)."""
+    return [SELECTED] if SELECTED and RUNS[w.run].tuned else []
+
+
 def finetune_outputs():
     return [f"{RESULTS}/finetune/{a}/seed{s}/metrics.json"
-            for a in STUDY.finetune_arms() for s in STUDY.seeds]
+            for a in STUDY.finetune_arms() for s in STUDY.finetune_seeds()]
 
 
 def encoder_of(w):

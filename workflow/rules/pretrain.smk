@@ -1,12 +1,15 @@
-# MAE pre-training: one job per run family (arm or sweep point) x seed. A job takes all the
-# cores it is given, so on a small machine jobs run one at a time and their clocks do not
-# compete; a killed job resumes from its checkpoint when re-run.
+# MAE pre-training: one job per run family (arm, tuning trial, budget, sweep point) x seed.
+# The seed decides the run's role (target, tuning, scored, sweep; docs/protocol.md); every
+# run but the tuning trials reads the per-arm winners that `select` wrote. A job takes all
+# the cores it is given, so on a small machine jobs run one at a time and their clocks do
+# not compete; a killed job resumes from its checkpoint when re-run with the same config.
 
 
 rule pretrain:
     input:
         config=STUDY_CONFIG,
         manifest=f"{RESULTS}/manifests/pretrain_seed{{seed}}.txt",
+        selected=selected_of,
     output:
         metrics=f"{RESULTS}/pretrain/{{run}}/seed{{seed}}/metrics.csv",
         run=f"{RESULTS}/pretrain/{{run}}/seed{{seed}}/run.json",
@@ -15,6 +18,8 @@ rule pretrain:
         arm=lambda w: RUNS[w.run].arm,
         launch=lambda w, resources: launch(resources.gpu),
         sets=lambda w: " ".join(f"--set '{a}'" for a in RUNS[w.run].set_args()),
+        role=lambda w: STUDY.role(RUNS[w.run], int(w.seed)),
+        tuned=lambda w, input: f"--tuned {input.selected}" if input.selected else "",
     log:
         f"{RESULTS}/logs/pretrain/{{run}}/seed{{seed}}.log",
     benchmark:
@@ -31,7 +36,7 @@ rule pretrain:
         ENV
     shell:
         "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} {params.launch} pretrain --config {input.config} --arm {params.arm} "
-        "--run-id {wildcards.run} {params.sets} --seed {wildcards.seed} "
+        "--run-id {wildcards.run} --role {params.role} {params.tuned} {params.sets} --seed {wildcards.seed} "
         "--manifest {input.manifest} --out {params.out} > {log} 2>&1"
 
 

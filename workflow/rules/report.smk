@@ -6,10 +6,13 @@ rule summarize:
     input:
         pretrain_outputs(),
         finetune_outputs(),
+        [SELECTED] if SELECTED else [],
     output:
         multiext(f"{RESULTS}/headline", ".md", ".tex"),
         multiext(f"{RESULTS}/per_seed", ".md", ".tex"),
         multiext(f"{RESULTS}/overhead", ".md", ".tex"),
+        multiext(f"{RESULTS}/tuning", ".md", ".tex"),
+        multiext(f"{RESULTS}/budgets", ".md", ".tex"),
         f"{RESULTS}/time_to_target.csv",
     params:
         dbp=DBP,

@@ -1,0 +1,34 @@
+"""Hardware-free cost model of DBP's extra work (pure Python, no torch), shared by the
+training side, which records it in run.json, and the cost benchmark."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def dbp_extra_macs_parts(layer_shapes: Iterable[tuple[int, int]], tokens: int,
+                         sample_frac: float, every: int, fused: bool) -> dict[str, float]:
+    """DBP's extra multiply-accumulates per training step, split as the benchmark times
+    them (fwd, bwd, stats, update), for layers of (out, d) = (output width, input width)
+    that each see `tokens` rows per step.
+
+    Fused: A = W R in the forward and the gradient dL/dA R^T in the backward (out d^2
+    each). Unfused: R x for every token and its backward (tokens d^2 each). Statistics on
+    the n_sub = max(1, round(f tokens)) sampled rows every `every` steps: z = x R^T (fused
+    only; unfused reuses z) and Z^T Z (n_sub d^2 each). Update C R (d^3) every `every`
+    steps. Mirrors dbp.layers, which samples the same n_sub.
+    """
+    n_sub = max(1, round(sample_frac * tokens))
+    parts = {"fwd": 0.0, "bwd": 0.0, "stats": 0.0, "update": 0.0}
+    for out, d in layer_shapes:
+        rows = out if fused else tokens
+        parts["fwd"] += rows * d**2
+        parts["bwd"] += rows * d**2
+        parts["stats"] += (2 if fused else 1) * n_sub * d**2 / every
+        parts["update"] += d**3 / every
+    return parts
+
+
+def dbp_extra_macs(layer_shapes: Iterable[tuple[int, int]], tokens: int, sample_frac: float,
+                   every: int, fused: bool) -> float:
+    """Total of `dbp_extra_macs_parts`."""
+    return sum(dbp_extra_macs_parts(layer_shapes, tokens, sample_frac, every, fused).values())
