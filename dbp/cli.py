@@ -148,7 +148,6 @@ def _cmd_summarize(args) -> None:
 
 
 def _cmd_figures(args) -> None:
-    import dbp._compat  # noqa: F401  (the MAC model builds the MAE from timm blocks)
     from dbp.figures import write_figures
     study = args.study or Path(args.results).name
     paths = write_figures(args.results, args.out or Path("paper_figures") / study, study)

@@ -2,228 +2,206 @@
 
 Each `fig_*` takes the study's `Analysis` (the report's tables) and returns (figure, the data it
 draws), or None when its data are absent, so tests can hold the drawing against the tables.
-Figures use matplotlib's object API (Agg, no pyplot state), 6.4 x 4.8 in at 150 dpi, and carry
-a caption line with the study, seeds and hardware.
+Figures use matplotlib's object API (Agg, no pyplot state), 6.4 x 4.8 in at 150 dpi. Every
+figure draws seeds, not only means; a run that never reached the target is drawn as a miss
+above the axis, never as a finite value; each carries a caption line saying what it shows
+and from which runs.
 """
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from dbp import analysis as A
 from dbp.measure import atomic_write
-from dbp.report import Analysis, analyze, ordered_arms
+from dbp.report import Analysis, analyze
 
 SIZE, DPI = (6.4, 4.8), 150
-COLORS = {"bp": "C0", "dbp": "C1", "identity": "C2", "scratch": "C7"}
-DASHED = {"identity": "--"}  # the identity control often lies exactly on BP: keep both visible
-DECOR_LR, KAPPA = A.SWEEP + "dbp.decor_lr", A.SWEEP + "dbp.kappa"
+COLORS = {"bp": "C0", "dbp": "C1", "identity": "C2", "scratch": "C7"}  # fixed per arm everywhere
+STYLE = {"identity": dict(ls="--", dashes=(4, 3))}  # identity lies on BP's losses: keep both visible
 Made = tuple[Figure, pd.DataFrame] | None
 
 
-def _color(run_id: str, order: list[str]) -> str:
-    return COLORS.get(run_id, f"C{3 + order.index(run_id) % 6}" if run_id in order else "C9")
+def _color(arm: str) -> str:
+    return COLORS.get(arm, f"C{3 + sum(map(ord, arm)) % 6}")
 
 
-def _new(a: Analysis, title: str, ncols: int = 1) -> tuple[Figure, list[Axes]]:
+def _new(a: Analysis, title: str, caption: str, ncols: int = 1) -> tuple[Figure, list[Axes]]:
     fig = Figure(figsize=SIZE, dpi=DPI)
     axes = list(fig.subplots(1, ncols, squeeze=False)[0])
-    fig.subplots_adjust(left=0.12, right=0.97, top=0.84, bottom=0.2, wspace=0.4)
+    fig.subplots_adjust(left=0.14, right=0.97, top=0.84, bottom=0.24, wspace=0.4)
     fig.suptitle(title, fontsize=11, y=0.98)
-    fig.text(0.5, 0.012, f"Study '{a.study}' · seeds {a.seeds} · {a.hardware}",
-             ha="center", va="bottom", fontsize=7, color="0.3")
+    fig.text(0.5, 0.012, textwrap.fill(caption, 130) +
+             f"\nStudy '{a.study}' · scored seeds {a.seeds} · {a.hardware}",
+             ha="center", va="bottom", fontsize=6.5, color="0.3")
     return fig, axes
 
 
-def _legend(fig: Figure, ax: Axes, title: str) -> None:
+def _legend(fig: Figure, ax: Axes, title: str = "") -> None:
     """One legend between the title and the axes (never over the data), duplicates merged."""
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     fig.legend(unique.values(), unique.keys(), loc="upper center", bbox_to_anchor=(0.5, 0.935),
-               ncol=min(len(unique), 4), fontsize=8, title=title, title_fontsize=8, frameon=False)
+               ncol=min(len(unique), 4), fontsize=8, title=title or None, title_fontsize=8,
+               frameon=False)
 
 
 # ----------------------------------------------------------------------------- curves
 
-def curve_bands(a: Analysis, column: str) -> pd.DataFrame:
-    """Per main arm and validation step: mean training seconds, and mean, min and max of
-    `column` over seeds (finite values only: a diverged seed leaves the band there).
-    Arms share the step grid, so wall-clock is the seeds' mean time at each step."""
-    c = a.curves[a.curves["run_id"].isin(a.main)]
-    c = c.assign(y=c[column].where(np.isfinite(c[column])))
-    g = c.groupby(["run_id", "step"], sort=True)
-    return g.agg(seconds=("train_seconds", "mean"), mean=("y", "mean"), lo=("y", "min"),
-                 hi=("y", "max"), n=("y", "count")).reset_index()
+def scored_curves(a: Analysis, column: str) -> pd.DataFrame:
+    """The base-budget scored runs' validation points (every seed), finite values only."""
+    c = A.base_runs(a.curves[(a.curves["role"] == "scored") & a.curves["status"].isin(A.FINAL)])
+    return c[np.isfinite(c[column])]
 
 
-def _bands(ax: Axes, data: pd.DataFrame, x: str, order: list[str]) -> None:
-    for run_id in order:
-        d = data[data["run_id"] == run_id]
-        if d.empty:
-            continue
-        color = _color(run_id, order)
-        ax.plot(d[x], d["mean"], color=color, ls=DASHED.get(run_id, "-"), lw=1.6, label=run_id)
-        ax.fill_between(d[x], d["lo"], d["hi"], color=color, alpha=0.2, lw=0)
+def _seed_lines(ax: Axes, data: pd.DataFrame, x: str, y: str, arms: list[str]) -> None:
+    for arm in arms:
+        for seed, d in data[data["arm"] == arm].groupby("seed"):
+            ax.plot(d[x], d[y], color=_color(arm), lw=1.0, alpha=0.75, label=arm, **STYLE.get(arm, {}))
     ax.grid(alpha=0.3)
 
 
-def fig_loss(a: Analysis, x: str = "seconds") -> Made:
-    """Validation loss against training wall-clock (`x`="seconds") or steps (`x`="step")."""
-    data = curve_bands(a, "val_loss")
-    fig, (ax,) = _new(a, f"Validation loss against {'wall-clock' if x == 'seconds' else 'steps'}")
-    _bands(ax, data, x, a.main)
-    ax.axhline(a.target, color="k", ls="--", lw=1, label=f"target {a.target:.4f} (median BP best)")
-    top = data.loc[data["step"] > data["step"].min(), "hi"].max()  # the untrained model's loss
-    ax.set_ylim(0.98 * np.nanmin([data["lo"].min(), a.target]),  # would flatten the rest
-                1.05 * top if math.isfinite(top) else None)
-    ax.set_xlabel("training time (s, validation excluded)" if x == "seconds" else "optimizer step")
-    ax.set_ylabel("validation loss (masked-patch MSE)")
-    _legend(fig, ax, "lines: mean over seeds; bands: min-max")
+def fig_loss(a: Analysis, x: str = "train_seconds") -> Made:
+    """Validation loss of every scored seed against measured training time or steps."""
+    data = scored_curves(a, "val_loss")
+    what = "measured training time" if x == "train_seconds" else "steps"
+    fig, (ax,) = _new(a, f"Validation loss against {what}",
+                      "One line per scored base-budget run; dashed black: the target (median best "
+                      "of the BP target-setting runs).")
+    _seed_lines(ax, data, x, "val_loss", a.arms)
+    ax.axhline(a.target, color="k", ls="--", lw=1, label=f"target {a.target:.4f}")
+    ax.set_yscale("log")  # keeps the untrained model's loss and the end of training readable
+    ax.set_xlabel("training time (s, validation excluded)" if x == "train_seconds" else "optimizer step")
+    ax.set_ylabel("validation loss (log scale)")
+    _legend(fig, ax)
     return fig, data
 
 
 def fig_decorrelation(a: Analysis) -> Made:
-    """Mean |correlation| of the probed encoder-layer inputs over training, per arm."""
-    data = curve_bands(a, "mean_abs_corr")
-    if data["n"].sum() == 0:
+    """Mean |correlation| of the probed encoder-layer inputs over training, every seed."""
+    data = scored_curves(a, "mean_abs_corr")
+    if data.empty:
         return None
-    fig, (ax,) = _new(a, "Decorrelation of encoder-layer inputs")
-    _bands(ax, data, "step", a.main)
+    fig, (ax,) = _new(a, "Decorrelation of encoder-layer inputs",
+                      "Mean |off-diagonal correlation| of the DBP layers' inputs on the validation "
+                      "images; one line per scored run.")
+    _seed_lines(ax, data, "step", "mean_abs_corr", a.arms)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("mean |off-diagonal correlation| (val images)")
-    _legend(fig, ax, "lines: mean over seeds; bands: min-max")
+    ax.set_ylabel("mean |correlation|")
+    _legend(fig, ax)
     return fig, data
 
 
-# ----------------------------------------------------------------------------- bars
+def fig_budgets(a: Analysis) -> Made:
+    """Final validation loss of fully decayed runs against their training time, per seed."""
+    bc = a.budgets[a.budgets["seed"].isin(a.budget_ttt["seed"])]
+    if bc.empty:
+        return None
+    fig, (ax,) = _new(a, "Budget curves: final loss of fully decayed runs",
+                      "Each point a scored run decayed to its own budget (time = steps x the arm's "
+                      "median step time); one line per arm and seed.")
+    for (arm, seed), g in bc.sort_values("seconds").groupby(["arm", "seed"]):
+        ax.plot(g["seconds"], g["final_val_loss"], "o-", color=_color(arm), lw=1, ms=3, label=arm)
+    ax.axhline(a.target, color="k", ls="--", lw=1, label=f"target {a.target:.4f}")
+    ax.set_xlabel("training time at the median step time (s)")
+    ax.set_ylabel("final validation loss")
+    ax.grid(alpha=0.3)
+    _legend(fig, ax)
+    return fig, bc
 
-def _cost_bars(ax: Axes, a: Analysis, metric: str, scale: float, ylabel: str) -> pd.DataFrame:
-    """Median cost to target per arm with its interval, seeds as dots; a not-reached median
-    is a hatched bar to the top of the axis, not-reached seeds are crosses at the top."""
-    s = A.arm_summary(a.strict, metric, a.n_boot, a.level, a.seed)
-    s = s.set_index("run_id").loc[[r for r in a.main if r in set(s["run_id"])]].reset_index()
-    seeds = a.strict[["run_id", metric]]
-    finite = [v for v in (*s["median"], *s["lo"], *s["hi"], *seeds[metric]) if math.isfinite(v)]
-    top = 1.15 * max(finite, default=1.0) * scale
-    x = np.arange(len(s))
-    med = s["median"].to_numpy(float) * scale
-    heights = np.where(np.isfinite(med), med, top)
-    bars = ax.bar(x, heights, color=[_color(r, a.main) for r in s["run_id"]], alpha=0.8,
-                  edgecolor="k", lw=0.5)
-    for bar, m in zip(bars, med):
-        if not math.isfinite(m):
-            bar.set_hatch("//")
-    ok = np.isfinite(med)
-    lo = np.minimum(s["lo"].to_numpy(float) * scale, top)
-    hi = np.minimum(s["hi"].to_numpy(float) * scale, top)
-    ax.errorbar(x[ok], med[ok], yerr=[med[ok] - lo[ok], hi[ok] - med[ok]], fmt="none", ecolor="k",
-                capsize=4, lw=1, label=f"{a.level:.0%} CI of the median")
-    for i, run_id in enumerate(s["run_id"]):
-        v = seeds.loc[seeds["run_id"] == run_id, metric].to_numpy(float) * scale
-        ax.plot(np.full(np.isfinite(v).sum(), i), v[np.isfinite(v)], "o", color="k", ms=3,
-                label="seed" if i == 0 else None)
-        n_nr = int((~np.isfinite(v)).sum())
-        if n_nr:
-            ax.plot(i, top * 0.97, "x", color="C3", ms=8, mew=2, label="seed not reached")
-            ax.annotate(f"{n_nr}/{v.size}", (i + 0.1, top * 0.955), ha="left", va="center", fontsize=7,
-                        color="C3")
-    ax.set_xticks(x, s["run_id"])
-    ax.set_ylim(0, top * 1.02)
+
+# ----------------------------------------------------------------------------- costs
+
+def _seed_costs(ax: Axes, a: Analysis, metric: str, scale: float, ylabel: str) -> pd.DataFrame:
+    """Every seed's cost to target per arm as a dot, the geometric mean as a bar; misses as
+    red crosses in a band above the axis labelled "not reached", never on the value scale."""
+    t = A.base_runs(a.strict)
+    arms = [r for r in a.arms if r in set(t["arm"])]
+    values = {arm: t.loc[t["arm"] == arm, metric].to_numpy(float) * scale for arm in arms}
+    finite = np.concatenate([v[np.isfinite(v)] for v in values.values()] or [np.zeros(0)])
+    top = 1.15 * (finite.max() if finite.size else 1.0)
+    rows = []
+    for i, arm in enumerate(arms):
+        v = values[arm]
+        ok = v[np.isfinite(v)]
+        gm = float(np.exp(np.log(ok).mean())) if ok.size and (ok > 0).all() else math.nan
+        ax.bar(i, gm if math.isfinite(gm) else 0, color=_color(arm), alpha=0.6, edgecolor="k", lw=0.5)
+        ax.plot(np.full(ok.size, i) + np.linspace(-0.15, 0.15, ok.size), ok, "o", color="k", ms=3,
+                label="seed")
+        misses = int((~np.isfinite(v)).sum())
+        if misses:
+            ax.plot(i, top * 1.06, "x", color="C3", ms=8, mew=2, label="seed not reached")
+            ax.annotate(f"{misses}/{v.size}", (i + 0.12, top * 1.06), va="center", fontsize=7, color="C3")
+        rows.append({"arm": arm, "geo_mean": gm, "n": v.size, "misses": misses})
+    ax.axhline(top, color="0.5", lw=0.8)
+    ax.text(len(arms) - 0.5, top * 1.06, "not reached", ha="right", va="center", fontsize=7, color="C3")
+    ax.set_xticks(range(len(arms)), arms)
+    ax.set_ylim(0, top * 1.12)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
-    return s.assign(scale=scale, plotted=heights)
+    return pd.DataFrame(rows)
 
 
 def fig_time_to_target(a: Analysis) -> Made:
-    fig, (ax,) = _new(a, "Training time to BP's best validation loss")
-    data = _cost_bars(ax, a, "train_seconds", 1.0, "training time to target (s)")
-    _legend(fig, ax, "bars: median over seeds; hatched: median not reached")
+    fig, (ax,) = _new(a, "Training time to the target",
+                      "Time = steps to the first validation point at or below the target x the "
+                      "arm's median step time (primary); bar: geometric mean of seeds that reached.")
+    data = _seed_costs(ax, a, "seconds", 1.0, "time to target (s)")
+    _legend(fig, ax)
     return fig, data
 
 
 def fig_energy(a: Analysis) -> Made:
-    """Energy (Wh) and CO2eq (g) to target; None when energy was not metered."""
-    if not (a.strict["energy_kwh"].replace(math.inf, np.nan) > 0).any():
+    """Energy to target (Wh); None when energy was not metered. Labelled modelled/measured."""
+    if a.energy_kind == "none":
         return None
-    fig, axes = _new(a, "Energy and emissions to BP's best validation loss", ncols=2)
-    data = pd.concat([
-        _cost_bars(axes[0], a, "energy_kwh", 1e3, "energy to target (Wh)").assign(metric="energy_kwh"),
-        _cost_bars(axes[1], a, "co2_kg", 1e3, "CO2eq to target (g)").assign(metric="co2_kg")])
-    _legend(fig, axes[0], "bars: median over seeds; hatched: median not reached")
+    fig, (ax,) = _new(a, f"Energy to the target ({a.energy_kind})",
+                      "Energy over the timed training spans to the first crossing" +
+                      (": MODELLED (codecarbon's TDP x load estimate, a rescaled clock), not a "
+                       "measurement" if a.energy_kind == "modelled" else ": hardware counters") + ".")
+    data = _seed_costs(ax, a, "energy_kwh", 1e3, f"energy to target (Wh, {a.energy_kind})")
+    _legend(fig, ax)
     return fig, data
 
 
 def fig_miou(a: Analysis) -> Made:
-    """Mean mIoU per arm with its interval and seeds; None without fine-tune runs."""
+    """mIoU of every fine-tuned encoder per seed, mean as a bar; None without fine-tunes."""
     if a.finetune.empty:
         return None
-    m = a.miou.set_index("run_id").loc[ordered_arms(a.miou["run_id"])].reset_index()
-    fig, (ax,) = _new(a, "Segmentation after fine-tuning")
-    x = np.arange(len(m))
-    pts = 100 * m["mIoU"].to_numpy(float)
-    ax.bar(x, pts, color=[_color(r, a.main) for r in m["run_id"]], alpha=0.8, edgecolor="k", lw=0.5)
-    ax.errorbar(x, pts, yerr=[pts - 100 * m["mIoU_lo"], 100 * m["mIoU_hi"] - pts], fmt="none",
-                ecolor="k", capsize=4, lw=1, label=f"{a.level:.0%} CI of the mean")
-    for i, run_id in enumerate(m["run_id"]):
-        v = 100 * a.finetune.loc[a.finetune["run_id"] == run_id, "mIoU"].to_numpy(float)
-        ax.plot(np.full(v.size, i), v, "o", color="k", ms=3, label="seed" if i == 0 else None)
-    ax.set_xticks(x, m["run_id"])
+    arms = [r for r in [*a.arms, "scratch"] if r in set(a.finetune["run_id"])]
+    fig, (ax,) = _new(a, "Segmentation after fine-tuning",
+                      "UperNet fine-tuned from each encoder (scratch: random init); dots: seeds, "
+                      "bars: mean.")
+    rows = []
+    for i, arm in enumerate(arms):
+        v = 100 * a.finetune.loc[a.finetune["run_id"] == arm, "mIoU"].to_numpy(float)
+        ax.bar(i, v.mean(), color=_color(arm), alpha=0.6, edgecolor="k", lw=0.5)
+        ax.plot(np.full(v.size, i), v, "o", color="k", ms=3, label="seed")
+        rows.append({"arm": arm, "mean": v.mean(), "n": v.size})
+    ax.set_xticks(range(len(arms)), arms)
     ax.set_ylabel("mIoU (points)")
-    _legend(fig, ax, "bars: mean over seeds")
     ax.grid(axis="y", alpha=0.3)
-    return fig, m.assign(plotted=pts)
-
-
-# ----------------------------------------------------------------------------- sweep
-
-def fig_sweep(a: Analysis) -> Made:
-    """Heatmap over decor_lr x kappa: colour = median final validation loss, text = median
-    time to target (diverged: final loss inf, grey); other swept keys are reduced to their
-    best cell. None without that sweep."""
-    s = a.sweep
-    if s.empty or not {DECOR_LR, KAPPA} <= set(s.columns) or s[[DECOR_LR, KAPPA]].isna().all().any():
-        return None
-    loss = s.pivot_table(index=KAPPA, columns=DECOR_LR, values="final_val_loss", aggfunc="min")
-    time = s.pivot_table(index=KAPPA, columns=DECOR_LR, values="time_to_target", aggfunc="min")
-    time = time.reindex(index=loss.index, columns=loss.columns)
-    fig, (ax,) = _new(a, "Sweep: decor_lr x kappa")
-    shown = loss.to_numpy(float)
-    cmap = colormaps["viridis_r"].with_extremes(bad="0.85")  # diverged or absent: grey
-    im = ax.imshow(np.where(np.isfinite(shown), shown, np.nan), cmap=cmap, origin="lower", aspect="auto")
-    fig.colorbar(im, ax=ax, label="final val loss (median over seeds)")
-    for (i, j), v in np.ndenumerate(shown):
-        t = time.iat[i, j]
-        text = ("–" if math.isnan(v) else "diverged" if math.isinf(v) else
-                f"{v:.3f}\n" + (f"{t:.0f} s" if math.isfinite(t) else "not reached"))
-        dark = math.isfinite(v) and im.norm(v) > 0.5
-        ax.text(j, i, text, ha="center", va="center", fontsize=7, color="w" if dark else "k")
-    ax.set_xticks(range(len(loss.columns)), [f"{v:g}" for v in loss.columns])
-    ax.set_yticks(range(len(loss.index)), [f"{v:g}" for v in loss.index])
-    ax.set_xlabel("decor_lr (eta)")
-    ax.set_ylabel("kappa")
-    others = [c.removeprefix(A.SWEEP) for c in A.sweep_columns(s) if c not in (DECOR_LR, KAPPA)]
-    if others:
-        ax.set_title(f"best over {', '.join(others)}", fontsize=8)
-    return fig, loss
+    _legend(fig, ax)
+    return fig, pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------- writer
 
 FIGURES: dict[str, Callable[[Analysis], Made]] = {
-    "loss_vs_time": lambda a: fig_loss(a, "seconds"),
+    "loss_vs_time": lambda a: fig_loss(a, "train_seconds"),
     "loss_vs_steps": lambda a: fig_loss(a, "step"),
     "decorrelation": fig_decorrelation,
+    "budget_curves": fig_budgets,
     "time_to_target": fig_time_to_target,
     "energy_to_target": fig_energy,
     "miou": fig_miou,
-    "sweep_heatmap": fig_sweep,
 }
 
 
@@ -234,7 +212,7 @@ def save(fig: Figure, stem: Path) -> list[Path]:
         path = stem.with_suffix(f".{ext}")
         meta = {"CreationDate": None} if ext == "pdf" else {}  # same data, same bytes
         atomic_write(path, "wb",
-                      lambda f, ext=ext, meta=meta: fig.savefig(f, format=ext, dpi=DPI, metadata=meta))
+                     lambda f, ext=ext, meta=meta: fig.savefig(f, format=ext, dpi=DPI, metadata=meta))
         paths.append(path)
     return paths
 
@@ -243,7 +221,7 @@ def write_figures(results_dir: str | Path, figures_dir: str | Path, study_name: 
                   **analyze_kwargs) -> list[Path]:
     """Every figure whose data exist, from results/<study> (`results_dir`) into `figures_dir`
     (= paper_figures/<study>); returns the paths written (none without pre-training runs)."""
-    if not A.load_runs(results_dir):
+    if A.load_runs(results_dir).empty:
         return []
     a = analyze(results_dir, study_name, **analyze_kwargs)
     paths = []
