@@ -286,9 +286,9 @@ def time_to_target(curves: pd.DataFrame, runs: pd.DataFrame, target: float,
     rows = []
     for (run_id, seed), run in curves[curves["role"] == "scored"].sort_values("step").groupby(
             ["run_id", "seed"], sort=True):
+        if (run_id, seed) not in meta.index or meta.loc[(run_id, seed), "status"] not in FINAL:
+            continue  # unfinished: listed by `unfinished`, never scored
         r = meta.loc[(run_id, seed)]
-        if r["status"] not in FINAL:
-            continue
         first, sustained = S.crossings(run["val_loss"].to_numpy(float), target)
         row = {**dict(zip(RUN_KEYS, run[RUN_KEYS].iloc[0])), "target": target,
                "planned_steps": r["planned_steps"]}

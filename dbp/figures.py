@@ -20,7 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from dbp import analysis as A
-from dbp.measure import atomic_write
+from dbp.records import atomic_write
 from dbp.report import Analysis, analyze
 
 SIZE, DPI = (6.4, 4.8), 150

@@ -32,63 +32,10 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from dbp.records import atomic_write, atomic_write_json, atomic_write_text  # noqa: F401
+
 # ----------------------------------------------------------------------------- atomic writes
-
-_UMASK = os.umask(0o022)  # read the process umask (the only portable way is to set it) ...
-os.umask(_UMASK)          # ... and restore it at once
-
-
-def atomic_write(path: str | os.PathLike, mode: str, write: Callable[[IO], None]) -> None:
-    """Write through a temp file in the target's directory, fsync, then os.replace.
-
-    Readers see the old file or the whole new one, never a partial write; on any failure the
-    temp file is removed and an existing target is left untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    # Make the rename itself durable. Some network filesystems refuse fsync on a directory;
-    # the file is already complete and in place by then, so that is not an error.
-    with suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Replace `path` with `text` (UTF-8) atomically."""
-    atomic_write(path, "w", lambda f: f.write(text))
-
-
-def _json_default(obj: Any) -> Any:
-    """numpy scalars/arrays, torch tensors and paths, which metrics and configs often hold."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return obj.tolist()
-    if isinstance(obj, PurePath):
-        return str(obj)
-    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Replace `path` with `obj` as indented JSON atomically (encoded fully before writing)."""
-    text = json.dumps(obj, indent=2, default=_json_default) + "\n"
-    atomic_write_text(path, text)
-
+# The torch-free writers live in dbp.records (the results side uses them without torch).
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to `path` atomically: a crash mid-save never corrupts the last checkpoint."""
@@ -468,18 +415,23 @@ def _version(dists: tuple[str, ...]) -> str:
     return "absent"
 
 
+# A study writes its records inside the checkout (results/default is committed): outputs
+# are not code, so they never make the checkout dirty.
+_OUTPUTS = (":(exclude,top)results", ":(exclude,top)paper_figures", ":(exclude,top)data")
+
+
 def git_state(directory: str | os.PathLike) -> dict[str, Any]:
     """{"git_commit", "git_dirty"} of the checkout containing `directory`, else "unknown".
 
-    Dirty means `git status --porcelain` lists anything (modified, staged or untracked and
-    not ignored): any of them may change what ran.
+    Dirty means `git status --porcelain` lists anything outside the study outputs (modified,
+    staged or untracked and not ignored): any of them may change what ran.
     """
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(directory), *args], capture_output=True,
                               text=True, check=True, timeout=60).stdout
     try:
         return {"git_commit": git("rev-parse", "HEAD").strip(),
-                "git_dirty": bool(git("status", "--porcelain").strip())}
+                "git_dirty": bool(git("status", "--porcelain", "--", ".", *_OUTPUTS).strip())}
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": "unknown", "git_dirty": "unknown"}
 

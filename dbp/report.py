@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from dbp import analysis as A
-from dbp.measure import atomic_write_text
+from dbp.records import atomic_write_text
 
 PAPER = {"seconds": "21.1 %", "mIoU": "+1.1"}
 README_START, README_END = "<!-- headline:start -->", "<!-- headline:end -->"

@@ -1,11 +1,16 @@
-"""Analysis on synthetic studies whose answers are known by construction.
+"""Analysis on a synthetic study whose answers are known by construction.
 
-The study (see `write_study`): validation every 10 steps; BP takes 1 s per step, DBP and
-the identity control 1.25 s. BP seeds reach best losses 0.50 / 0.52 / 0.54, so the target
-is 0.52: BP seed 0 reaches it at step 40 (40 s), seed 1 ties it at step 50 (50 s), seed 2
-never does. DBP reaches it at steps 20 / 20 / 30 (25 / 25 / 37.5 s). Identity has BP's
-losses at DBP's step time. Sweep points cover a normal, a diverged-before-reaching, a
-reached-then-diverged and a step-0-only run.
+The study (`write_study`): validation every 10 steps of a 50-step base budget; BP takes 1 s
+per step, DBP and the identity control 1.25 s; CPU use 2 cores (2 threads) except one
+segment of BP seed 1 that another process slowed 10x (CPU use 0.5: shared).
+- Target: five BP target-setting runs (seeds 100-104) with best losses 0.50 ... 0.54, so the
+  target is 0.52. Scored BP runs never enter it.
+- Scored seeds 0-5: BP reaches 0.52 at step 40 (seed 5: never); DBP at step 20 (seed 3: 30);
+  identity has BP's losses (seed 5 is unfinished: listed, not scored).
+  Primary time = steps x median step time: BP 40 s, DBP 25 s (seed 3: 37.5 s).
+- Tuning (seed 200): bp__blr=0.01 final 0.60, bp__blr=0.02 final 0.55, dbp__blr=0.01 final
+  0.50, dbp__blr=0.02 diverged: winners bp 0.02, dbp 0.01; identity copies bp.
+- Budgets on seeds 0, 1: 25 and 75 steps; BP finals 0.60 / 0.48, DBP 0.50 / 0.43.
 """
 import json
 import math
@@ -15,58 +20,49 @@ import pandas as pd
 import pytest
 
 from dbp import analysis as A
-from dbp.config import load_config, to_dict
 
 STEPS = [0, 10, 20, 30, 40, 50]
 NAN = math.nan
-LOSSES = {
-    ("bp", 0): [2.0, 0.9, 0.7, 0.6, 0.50, 0.51],
-    ("bp", 1): [2.0, 0.9, 0.7, 0.6, 0.55, 0.52],
-    ("bp", 2): [2.0, 0.9, 0.7, 0.6, 0.56, 0.54],
-    ("dbp", 0): [2.0, 0.8, 0.51, 0.47, 0.45, 0.44],
-    ("dbp", 1): [2.0, 0.8, 0.50, 0.49, 0.48, 0.47],
-    ("dbp", 2): [2.0, 0.8, 0.60, 0.52, 0.52, 0.49],  # ties the target twice: the first counts
-    ("identity", 0): [2.0, 0.9, 0.7, 0.6, 0.50, 0.51],
-    ("identity", 1): [2.0, 0.9, 0.7, 0.6, 0.55, 0.52],
-    ("identity", 2): [2.0, 0.9, 0.7, 0.6, 0.56, 0.54],
-}
-SWEEP = {  # run_id: (sweep point, losses, status), seed 0 only
-    "dbp__a": ({"dbp.decor_lr": "0.001", "dbp.kappa": "0.1"}, [2.0, 0.8, 0.51, 0.47, 0.45, 0.44],
-               "finished"),  # as the CLI records them: text
-    "dbp__b": ({"dbp.decor_lr": 1e-3, "dbp.kappa": 0.5}, [2.0, 0.8, NAN], "diverged"),
-    "dbp__c": ({"dbp.decor_lr": 1e-2, "dbp.kappa": 0.1}, [2.0, 0.5, NAN], "diverged"),
-    "dbp__d": ({"dbp.decor_lr": 1e-2, "dbp.kappa": 0.5}, [2.0], "running"),
-}
-SEC_PER_STEP = {"bp": 1.0, "dbp": 1.25, "identity": 1.25}
-BATCH, KWH_PER_S, KG_PER_KWH = 64, 1e-3, 0.3
+BP = [2.0, 0.9, 0.7, 0.6, 0.52, 0.50]
+BP_MISS = [2.0, 0.9, 0.7, 0.6, 0.55, 0.53]
+DBP = [2.0, 0.8, 0.51, 0.47, 0.45, 0.44]
+DBP_LATE = [2.0, 0.8, 0.60, 0.50, 0.53, 0.44]  # first at 30, rises again: sustained at 50
+SEC = {"bp": 1.0, "dbp": 1.25, "identity": 1.25}
+BATCH, KWH_PER_S = 64, 1e-3
 MIOU = {"bp": [0.30, 0.32, 0.34], "dbp": [0.31, 0.335, 0.35], "scratch": [0.10, 0.12, 0.11]}
 
 
-def _metrics(losses: list[float], sec_per_step: float) -> pd.DataFrame:
-    steps = np.array(STEPS[:len(losses)])
-    seconds = steps * sec_per_step
-    energy = seconds * KWH_PER_S
+def _metrics(losses, sec, slow_segment: int | None = None) -> pd.DataFrame:
+    steps = np.array(STEPS[:len(losses)], float)
+    dt = np.diff(steps, prepend=0.0) * sec
+    util = np.full(len(steps), 2.0)
+    if slow_segment is not None:  # another process on the cores: 10x the wall time, a quarter CPU
+        dt[slow_segment] *= 10
+        util[slow_segment] = 0.5
+    seconds = np.cumsum(dt)
     return pd.DataFrame({
-        "step": steps, "epoch": steps / 100, "images_seen": steps * BATCH, "train_seconds": seconds,
-        "eval_seconds": 0.1 * np.arange(1, len(steps) + 1), "checkpoint_seconds": 0.0,
-        "train_loss": [NAN, *losses[1:]], "val_loss": losses, "energy_kwh": energy,
-        "co2_kg": energy * KG_PER_KWH,
-        "images_per_second": [NAN, *[BATCH / sec_per_step] * (len(steps) - 1)], "lr": 1e-3,
-        "decor_loss": 0.1, "mean_abs_corr": np.linspace(0.4, 0.2, len(steps))})
+        "step": steps.astype(int), "epoch": steps / 100, "images_seen": steps * BATCH,
+        "train_seconds": seconds, "eval_seconds": 0.1, "checkpoint_seconds": 0.0,
+        "train_loss": [NAN, *losses[1:]], "val_loss": losses, "energy_kwh": seconds * KWH_PER_S,
+        "co2_kg": seconds * KWH_PER_S * 0.3, "images_per_second": BATCH / sec, "lr": 1e-3,
+        "decor_loss": 0.1, "mean_abs_corr": np.linspace(0.4, 0.2, len(steps)),
+        "cpu_seconds": np.cumsum(dt * util), "cpu_util": [NAN, *util[1:]], "load_avg": 2.0})
 
 
-def write_run(root, run_id: str, arm: str, seed: int, losses: list[float], status: str = "finished",
-              sweep: dict | None = None) -> None:
+def write_run(root, run_id, arm, seed, losses, role="scored", status="finished", steps=50,
+              sweep=None, slow_segment=None):
     d = root / "pretrain" / run_id / f"seed{seed}"
     d.mkdir(parents=True)
-    _metrics(losses, SEC_PER_STEP[arm]).to_csv(d / "metrics.csv", index=False)
-    info = {"run_id": run_id, "sweep": sweep or {}, "arm": arm, "seed": seed, "status": status,
-            "config": to_dict(load_config(None)), "effective_batch": BATCH,
-            "provenance": {"cpu_model": "Test CPU", "gpu_names": []}}
+    _metrics(losses, SEC[arm], slow_segment).to_csv(d / "metrics.csv", index=False)
+    info = {"run_id": run_id, "arm": arm, "seed": seed, "role": role, "status": status,
+            "sweep": sweep or {}, "config": {"pretrain": {"steps": steps}},
+            "macs_per_step": 1e6, "extra_macs_per_step": 0.0 if arm == "bp" else 2e5,
+            "energy": {"method": "codecarbon 3.3.2 task API: CPU estimated (TDP x load)"},
+            "provenance": {"cpu_model": "Test CPU", "gpu_names": [], "torch_threads": 2}}
     (d / "run.json").write_text(json.dumps(info))
 
 
-def write_finetune(root, arm: str, seed: int, miou: float) -> None:
+def write_finetune(root, arm, seed, miou):
     d = root / "finetune" / arm / f"seed{seed}"
     d.mkdir(parents=True)
     (d / "metrics.json").write_text(json.dumps({
@@ -75,14 +71,27 @@ def write_finetune(root, arm: str, seed: int, miou: float) -> None:
         "energy_kwh": 1e-3, "co2_kg": 3e-4}))
 
 
-def write_study(root, seeds=(0, 1, 2), sweep: bool = True, finetune: bool = True):
-    for (arm, seed), losses in LOSSES.items():
-        if seed in seeds:
-            write_run(root, arm, arm, seed, losses)
-    for run_id, (point, losses, status) in (SWEEP.items() if sweep else ()):
-        write_run(root, run_id, "dbp", 0, losses, status, point)
+def write_study(root, scored_bp=None, finetune=True):
+    for seed, best in zip(range(100, 105), (0.50, 0.51, 0.52, 0.53, 0.54)):
+        write_run(root, "bp", "bp", seed, [2.0, 0.9, 0.7, 0.6, 0.55, best], role="target")
+    for seed in range(6):
+        bp = (scored_bp or {}).get(seed, BP_MISS if seed == 5 else BP)
+        write_run(root, "bp", "bp", seed, bp, slow_segment=3 if seed == 1 else None)
+        write_run(root, "dbp", "dbp", seed, DBP_LATE if seed == 3 else DBP)
+        write_run(root, "identity", "identity", seed, bp, status="running" if seed == 5 else "finished")
+    for run_id, arm, losses, status in [("bp__blr=0.01", "bp", [2.0, 0.8, 0.6], "finished"),
+                                        ("bp__blr=0.02", "bp", [2.0, 0.8, 0.55], "finished"),
+                                        ("dbp__blr=0.01", "dbp", [2.0, 0.7, 0.50], "finished"),
+                                        ("dbp__blr=0.02", "dbp", [2.0, NAN], "diverged")]:
+        write_run(root, run_id, arm, 200, losses, role="tuning", status=status,
+                  sweep={"pretrain.blr": run_id.split("=")[1]})
+    for seed in (0, 1):
+        for arm, finals in (("bp", (0.60, 0.48)), ("dbp", (0.50, 0.43))):
+            for steps, final_loss in zip((25, 75), finals):
+                write_run(root, f"{arm}__steps={steps}", arm, seed, [2.0, 0.9, final_loss], steps=steps,
+                          sweep={"pretrain.steps": steps})
     for arm, values in (MIOU.items() if finetune else ()):
-        for seed in seeds:
+        for seed in range(3):
             write_finetune(root, arm, seed, values[seed])
     return root
 
@@ -93,43 +102,37 @@ def study(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def curves(study):
-    return A.load_pretrain(study)
+def runs(study):
+    return A.load_runs(study)
 
 
 @pytest.fixture(scope="module")
-def strict(curves):
-    return A.time_to_target(curves, A.target_loss(curves))
+def curves(study, runs):
+    return A.load_pretrain(study, runs)
 
 
-def _by_run(df: pd.DataFrame, run_id: str, column: str) -> list:
-    return df[df["run_id"] == run_id].sort_values("seed")[column].tolist()
+@pytest.fixture(scope="module")
+def step_sec(curves, runs):
+    return A.arm_step_seconds(A.segments(curves, runs))
+
+
+@pytest.fixture(scope="module")
+def strict(curves, runs, step_sec):
+    return A.time_to_target(curves, A.final(runs), A.target_loss(curves)[0], step_sec)
+
+
+def _col(df, arm, column, run_id=None):
+    d = df[(df["arm"] == arm) & (df["run_id"] == (run_id or arm))]
+    return d.sort_values("seed")[column].tolist()
 
 
 # ----------------------------------------------------------------------------- loading
 
-def test_load_pretrain_is_tidy(curves):
-    assert len(curves) == 9 * 6 + 6 + 3 + 3 + 1
-    assert list(curves.columns[:len(A.PRETRAIN_COLUMNS)]) == A.PRETRAIN_COLUMNS
-    assert A.sweep_columns(curves) == ["sweep.dbp.decor_lr", "sweep.dbp.kappa"]
-    lr = curves.loc[curves["run_id"] == "dbp__a", "sweep.dbp.decor_lr"]
-    assert lr.eq(1e-3).all()  # recorded as text, loaded as a number
-    assert curves["cpu_model"].eq("Test CPU").all()
-    assert sorted(curves.loc[A.is_sweep(curves), "run_id"].unique()) == sorted(SWEEP)
-    assert curves.loc[curves["run_id"] == "dbp__b", "status"].eq("diverged").all()
-
-
-def test_load_finetune(study):
-    ft = A.load_finetune(study)
-    assert len(ft) == 9 and set(A.FINETUNE_COLUMNS) <= set(ft.columns)
-    assert {"iou.wall", "iou.sky"} <= set(ft.columns)
-    assert _by_run(ft, "dbp", "mIoU") == MIOU["dbp"]
-
-
-def test_missing_folders_give_empty_frames_with_columns(tmp_path):
-    assert list(A.load_pretrain(tmp_path).columns) == A.PRETRAIN_COLUMNS
-    assert list(A.load_finetune(tmp_path).columns) == A.FINETUNE_COLUMNS
-    assert A.load_pretrain(tmp_path).empty and A.load_finetune(tmp_path).empty
+def test_runs_carry_roles_and_overrides(runs):
+    assert runs.groupby("role").size().to_dict() == {"scored": 18 + 8, "target": 5, "tuning": 4}
+    assert runs.loc[runs["run_id"] == "bp__blr=0.02", "sweep.pretrain.blr"].item() == 0.02  # text -> number
+    assert set(runs["energy_kind"]) == {"modelled"}
+    assert A.unfinished(runs)[["run_id", "seed", "status"]].values.tolist() == [["identity", 5, "running"]]
 
 
 @pytest.mark.parametrize("breakage, match", [
@@ -137,7 +140,7 @@ def test_missing_folders_give_empty_frames_with_columns(tmp_path):
     ("seed_mismatch", "seed 1 but folder seed0"), ("no_rows", "no rows"),
 ])
 def test_malformed_files_are_named(tmp_path, breakage, match):
-    write_run(tmp_path, "bp", "bp", 0, LOSSES["bp", 0])
+    write_run(tmp_path, "bp", "bp", 0, BP)
     d = tmp_path / "pretrain" / "bp" / "seed0"
     if breakage == "drop_column":
         pd.read_csv(d / "metrics.csv").drop(columns="val_loss").to_csv(d / "metrics.csv", index=False)
@@ -152,196 +155,95 @@ def test_malformed_files_are_named(tmp_path, breakage, match):
     assert str(d) in str(err.value)
 
 
-def test_malformed_finetune_is_named(tmp_path):
-    write_finetune(tmp_path, "bp", 0, 0.3)
-    path = tmp_path / "finetune" / "bp" / "seed0" / "metrics.json"
-    path.write_text(json.dumps({"mIoU": 0.3}))
-    with pytest.raises(ValueError, match="missing keys") as err:
-        A.load_finetune(tmp_path)
-    assert str(path) in str(err.value)
+# ----------------------------------------------------------------------------- target
+
+def test_target_is_the_median_of_the_target_setting_runs_only(curves, tmp_path):
+    assert A.target_loss(curves) == (pytest.approx(0.52), 5)
+    better = write_study(tmp_path / "better", scored_bp={s: [2.0, 0.5, 0.3, 0.2, 0.1, 0.05] for s in range(6)})
+    assert A.target_loss(A.load_pretrain(better)) == (pytest.approx(0.52), 5)  # scored runs changed
+    with pytest.raises(ValueError, match="no finished 'bp' target-setting runs"):
+        A.target_loss(curves[curves["role"] != "target"])
 
 
-# ----------------------------------------------------------------------------- targets
+# ----------------------------------------------------------------------------- tuning
 
-def test_target_is_median_of_bp_bests(curves):
-    assert A.target_loss(curves) == pytest.approx(0.52)
-    summary = A.run_summary(curves)
-    assert _by_run(summary, "bp", "best_val_loss") == [0.50, 0.52, 0.54]
-    relaxed = A.relaxed_targets(0.52)
-    assert relaxed[0.0] == 0.52 and relaxed[0.05] == pytest.approx(0.546)
-
-
-def test_no_baseline_runs_is_an_error(curves):
-    with pytest.raises(ValueError, match="no 'bp' runs"):
-        A.target_loss(curves[curves["arm"] != "bp"])
+def test_selection_picks_the_lowest_final_loss_per_arm(study):
+    chosen = A.select_tuned(study, ["bp", "dbp"], ["pretrain.blr"], [200], {"identity": "bp"})
+    arms = chosen["arms"]
+    assert arms["bp"]["values"] == {"pretrain.blr": 0.02} and arms["bp"]["final_val_loss"] == 0.55
+    assert arms["dbp"]["values"] == {"pretrain.blr": 0.01}  # the diverged trial counts as inf
+    assert arms["identity"] == {**arms["bp"], "from": "bp"}
+    assert len(chosen["table"]) == 4
+    with pytest.raises(ValueError, match="missing for seeds \\[201\\]"):
+        A.select_tuned(study, ["bp"], ["pretrain.blr"], [200, 201], {})
 
 
-def test_time_to_target_known_answers(strict):
-    assert _by_run(strict, "bp", "train_seconds") == [40.0, 50.0, math.inf]
-    assert _by_run(strict, "bp", "reached") == [True, True, False]
-    assert _by_run(strict, "dbp", "train_seconds") == [25.0, 25.0, 37.5]
-    assert _by_run(strict, "dbp", "step") == [20, 20, 30]  # seed 2: first of two ties
-    assert _by_run(strict, "dbp", "images_seen") == [20 * BATCH, 20 * BATCH, 30 * BATCH]
-    assert _by_run(strict, "dbp", "energy_kwh") == pytest.approx([0.025, 0.025, 0.0375])
-    assert _by_run(strict, "dbp", "co2_kg") == pytest.approx([0.0075, 0.0075, 0.01125])
-    assert _by_run(strict, "identity", "train_seconds") == [50.0, 62.5, math.inf]
+# ----------------------------------------------------------------------------- contention
+
+def test_shared_segment_is_flagged_and_the_median_step_time_ignores_it(curves, runs, step_sec):
+    seg = A.segments(curves, runs)
+    shared = seg[seg["shared"]]
+    assert shared[["run_id", "seed", "step"]].values.tolist() == [["bp", 1, 30]]
+    assert shared["sec_per_step"].item() == pytest.approx(10.0)
+    assert step_sec.to_dict() == pytest.approx({"bp": 1.0, "dbp": 1.25, "identity": 1.25})
 
 
-def test_diverged_and_step0_only_runs(strict):
-    assert _by_run(strict, "dbp__b", "train_seconds") == [math.inf]  # diverged before reaching
-    assert _by_run(strict, "dbp__c", "step") == [10]                # reached, then diverged
-    assert _by_run(strict, "dbp__d", "reached") == [False]          # only step 0
-    assert len(strict) == 13  # every run is counted, none dropped
+def test_identity_is_the_noise_detector(strict, step_sec):
+    noise = A.noise_check(strict, step_sec).set_index("seed")
+    assert noise["expected"].iloc[0] == pytest.approx(0.8)
+    assert noise.loc[0, "measured"] == pytest.approx(0.8) and not noise.loc[0, "flag"]
+    assert noise.loc[1, "measured"] == pytest.approx(130 / 50) and noise.loc[1, "flag"]  # BP slowed
 
 
-def test_interpolation_is_optional_and_linear(curves):
-    exact = A.time_to_target(curves, 0.52, interpolate=True)
-    # BP seed 0: 0.6 at step 30, 0.50 at step 40 -> 0.52 at 80 % of the way
-    assert _by_run(exact, "bp", "step")[0] == pytest.approx(38.0)
-    assert _by_run(exact, "bp", "train_seconds")[0] == pytest.approx(38.0)
-    assert _by_run(exact, "bp", "train_seconds")[1:] == [50.0, math.inf]  # tie: no shift; never: inf
-    assert _by_run(exact, "dbp", "train_seconds")[2] == 37.5  # lands exactly on a point
+# ----------------------------------------------------------------------------- time to target
+
+def test_first_and_sustained_crossings(strict):
+    assert _col(strict, "bp", "step") == [40, 40, 40, 40, 40, math.inf]
+    assert _col(strict, "dbp", "step") == [20, 20, 20, 30, 20, 20]
+    assert _col(strict, "dbp", "sustained_step") == [20, 20, 20, 50, 20, 20]
+    assert _col(strict, "dbp", "seconds") == pytest.approx([25, 25, 25, 37.5, 25, 25])
+    assert _col(strict, "bp", "train_seconds")[1] == pytest.approx(130.0)  # measured, slowed
+    assert _col(strict, "bp", "seconds")[1] == pytest.approx(40.0)         # primary: unmoved
+    assert _col(strict, "dbp", "flops")[0] == pytest.approx(2 * 1.2e6 * 20)
+    assert 5 not in _col(strict, "identity", "seed")  # unfinished: not scored
 
 
-def test_relaxed_targets_stack(curves):
-    ttt = A.times_to_targets(curves)
-    assert sorted(ttt["relax"].unique()) == list(A.RELAXED)
-    at5 = ttt[ttt["relax"] == 0.05]
-    assert _by_run(at5, "bp", "step") == [40, 50, 50]  # target 0.546: BP seed 2 now reaches it
-    with pytest.raises(ValueError, match="several targets"):
-        A.paired(ttt, "dbp")
+def test_paired_speedup_summary(strict):
+    s = A.compare(strict, "dbp", "seconds")
+    assert (s["n"], s["n_both"], s["n_base_miss"], s["n_arm_miss"]) == (6, 5, 1, 0)
+    assert s["geo_mean"] == pytest.approx((1.6 ** 4 * (40 / 37.5)) ** 0.2)
+    assert s["interval"] == "t" and s["lo"] < s["geo_mean"] < s["hi"]
+    assert s["p_value"] == pytest.approx(2 / 64)  # six pairs, all favouring DBP (one by a BP miss)
+    steps = A.compare(strict, "dbp", "step")
+    assert steps["geo_mean"] == pytest.approx((2.0 ** 4 * (40 / 30)) ** 0.2)
 
 
-# ----------------------------------------------------------------------------- paired statistics
+# ----------------------------------------------------------------------------- budgets
 
-def test_paired_speedups_and_inf(strict):
-    p = A.paired(strict, "dbp")
-    assert p["speedup"].tolist() == [1.6, 2.0, math.inf]       # 40/25, 50/25, BP never reached
-    assert p["reduction"].tolist() == pytest.approx([0.375, 0.5, 1.0])
-    ident = A.paired(strict, "identity")
-    assert ident["speedup"].iloc[:2].tolist() == [0.8, 0.8] and math.isnan(ident["speedup"].iloc[2])
-
-
-def test_summary_of_pairs(strict):
-    s = A.summarize_paired(A.paired(strict, "dbp"), n_boot=2000)
-    assert s["speedup"] == 2.0 and s["reduction"] == 0.5
-    assert s["speedup_lo"] <= s["speedup"] <= s["speedup_hi"]
-    assert s["reduction_lo"] <= s["reduction"] <= s["reduction_hi"]
-    assert s["speedup_lo"] >= 1.6 and s["speedup_hi"] == math.inf
-    assert (s["n_seeds"], s["n_undefined"], s["n_not_reached"], s["n_base_not_reached"]) == (3, 0, 0, 1)
-    assert s["test"] == "sign" and s["p_value"] == pytest.approx(0.25)  # 3 of 3 faster
-    ident = A.summarize_paired(A.paired(strict, "identity"), n_boot=2000)
-    assert ident["n_undefined"] == 1 and ident["speedup"] == 0.8  # neither reached: counted, not used
-    assert ident["reduction"] == pytest.approx(-0.25)
+def test_budget_curve_and_equal_time(runs, curves, step_sec):
+    bc = A.budget_curves(A.final(runs), curves, step_sec)
+    b = A.budget_time_to_target(bc, 0.52).set_index(["arm", "seed"])
+    # BP: 25 s -> 0.60, 50 s -> 0.50: crosses 0.52 at 25 + 0.8 x 25 = 45 s
+    assert b.loc[("bp", 0), "seconds"] == pytest.approx(45.0) and b.loc[("bp", 0), "kind"] == "interpolated"
+    assert b.loc[("dbp", 0), ["seconds", "kind"]].tolist() == [pytest.approx(31.25), "at most"]
+    assert ("bp", 2) not in b.index  # seeds without a ladder have one budget only
+    e = A.equal_time(bc, "dbp").set_index(["seed", "baseline_steps"])
+    # at BP's 50 s, DBP's curve (31.25 s: 0.50, 62.5 s: 0.44) gives 0.50 - 0.06 x 18.75/31.25
+    assert e.loc[(0, 50), "arm_loss"] == pytest.approx(0.50 - 0.06 * 18.75 / 31.25)
+    assert math.isnan(e.loc[(0, 25), "arm_loss"])  # before DBP's shortest budget
 
 
-def test_arm_never_reaching_scores_minus_inf():
-    ttt = pd.DataFrame({"run_id": ["bp", "dbp"], "arm": ["bp", "dbp"], "seed": [0, 0],
-                        "train_seconds": [10.0, math.inf], "reached": [True, False]})
-    s = A.summarize_paired(A.paired(ttt, "dbp"))
-    assert s["speedup"] == 0.0 and s["reduction"] == -math.inf and s["n_not_reached"] == 1
+# ----------------------------------------------------------------------------- overhead, mIoU
+
+def test_overhead_and_power(runs, curves):
+    o = A.overhead(A.segments(curves, runs), runs, curves).set_index("arm")
+    assert o.loc["dbp", "ratio"] == pytest.approx(1.25) and o.loc["bp", "n_shared"] == 1
+    assert o.loc["dbp", "watts"] == pytest.approx(3.6e6 * KWH_PER_S)  # energy / time, in W
+    assert o.loc["dbp", "energy_kind"] == "modelled"
 
 
-def test_one_seed_gives_degenerate_interval(tmp_path):
-    curves = A.load_pretrain(write_study(tmp_path, seeds=(1,), sweep=False, finetune=False))
-    ttt = A.time_to_target(curves, A.target_loss(curves))
-    s = A.summarize_paired(A.paired(ttt, "dbp"))
-    assert s["ci_degenerate"] and s["speedup_lo"] == s["speedup"] == s["speedup_hi"] == 2.0
-    assert s["test"] == "sign" and s["p_value"] == 1.0
-
-
-def test_bootstrap_ci_properties():
-    x = [1.0, 2.0, 3.0, 4.0, 10.0]
-    lo, hi = A.bootstrap_ci(x, seed=3)
-    assert 1.0 <= lo <= np.median(x) <= hi <= 10.0
-    assert A.bootstrap_ci(x, seed=3) == (lo, hi)  # seeded: reproducible
-    assert A.bootstrap_ci([5.0]) == (5.0, 5.0)
-    assert all(math.isnan(v) for v in A.bootstrap_ci([]))
-    lo, hi = A.bootstrap_ci([1.0, 2.0, math.inf], n_boot=500)
-    assert lo >= 1.0 and hi == math.inf
-
-
-def test_paired_test_choice_and_inf():
-    assert A.paired_test([0.1, 0.2, -0.3]) == ("sign", pytest.approx(1.0))
-    assert A.paired_test([0.0, math.nan]) == ("none", 1.0)
-    name, p = A.paired_test([1, 2, 3, 4, 5])
-    assert name == "wilcoxon" and p == pytest.approx(2 / 32)  # exact: all five positive
-    # ranks only: +inf behaves as the largest difference
-    assert A.paired_test([1, 2, 3, 4, math.inf])[1] == A.paired_test([1, 2, 3, 4, 9])[1]
-    assert A.paired_test([-1, 2, 3, -4, math.inf, 0.5])[1] == A.paired_test([-1, 2, 3, -4, 99, 0.5])[1]
-    for d in ([1, -1, 2, -2, 3], [1, 1, 1, 1, 1, -1], [math.inf, -math.inf, 1, 2, 3]):
-        assert 0.0 <= A.paired_test(d)[1] <= 1.0
-
-
-def test_comparisons_table(strict):
-    cmp = A.comparisons(strict, ["dbp", "identity"], n_boot=500)
-    assert len(cmp) == 8 and set(cmp["metric"]) == {"train_seconds", "energy_kwh", "co2_kg", "step"}
-    steps = cmp.set_index(["run_id", "metric"]).loc[("dbp", "step")]
-    assert steps["speedup"] == 2.5  # 40/20, 50/20, inf -> median 50/20
-    energy = cmp.set_index(["run_id", "metric"]).loc[("dbp", "energy_kwh")]
-    assert energy["reduction"] == pytest.approx(0.5)  # energy is proportional to time here
-
-
-def test_arm_summary(strict):
-    s = A.arm_summary(strict, n_boot=500).set_index("run_id")
-    assert s.loc["bp", "median"] == 50.0 and s.loc["bp", "n_reached"] == 2
-    assert s.loc["dbp", "median"] == 25.0 and s.loc["dbp", "lo"] <= 25.0 <= s.loc["dbp", "hi"]
-    assert s.loc["dbp__b", "median"] == math.inf
-
-
-# ----------------------------------------------------------------------------- FLOPs
-
-def test_dbp_extra_macs_analytic():
-    # out=4, d=2, 10 tokens, f=0.1 -> n_sub=1
-    assert A.dbp_extra_macs([(4, 2)], 10, 0.1, 1, fused=True) == 2 * 4 * 4 + 2 * 1 * 4 + 8
-    assert A.dbp_extra_macs([(4, 2)], 10, 0.1, 1, fused=False) == 2 * 10 * 4 + 1 * 4 + 8
-    assert A.dbp_extra_macs([(4, 2)], 10, 0.1, 2, fused=True) == 32 + (8 + 8) / 2
-    assert A.dbp_extra_macs([(4, 2), (4, 2)], 10, 0.01, 1, fused=True) == 2 * 48  # n_sub >= 1
-
-
-def test_add_flops(strict):
-    t = A.add_flops(strict, 100.0, {"dbp": 10.0, "identity": 10.0, "dbp__a": 20.0, "dbp__b": 0,
-                                    "dbp__c": 0, "dbp__d": 0})
-    assert _by_run(t, "dbp", "flops") == [2 * 110 * 20, 2 * 110 * 20, 2 * 110 * 30]
-    assert _by_run(t, "bp", "flops") == [2 * 100 * 40, 2 * 100 * 50, math.inf]
-    assert _by_run(t, "dbp__a", "flops") == [2 * 120 * 20]  # run_id beats arm
-    with pytest.raises(KeyError, match="identity"):
-        A.add_flops(strict, 100.0, {"dbp": 10.0})
-
-
-# ----------------------------------------------------------------------------- overhead .. sweep
-
-def test_step_time_overhead(curves):
-    o = A.overhead(curves).set_index("run_id")
-    assert o.loc[["dbp", "identity"], "ratio"].tolist() == pytest.approx([1.25, 1.25])
-    assert o.loc["bp", "sec_per_step"] == pytest.approx(1.0)
-    assert o.loc["dbp", "images_per_second"] == pytest.approx(BATCH / 1.25)
-    assert math.isnan(o.loc["dbp__d", "sec_per_step"])  # only step 0: no segment
-
-
-def test_miou_difference(study):
-    m = A.miou(A.load_finetune(study), n_boot=2000).set_index("run_id")
-    assert m.loc["dbp", "diff"] == pytest.approx(np.mean([0.01, 0.015, 0.01]))
-    assert m.loc["dbp", "diff_lo"] <= m.loc["dbp", "diff"] <= m.loc["dbp", "diff_hi"]
-    assert m.loc["dbp", "mIoU_lo"] <= m.loc["dbp", "mIoU"] <= m.loc["dbp", "mIoU_hi"]
-    assert m.loc["dbp", "test"] == "sign" and 0 <= m.loc["dbp", "p_value"] <= 1
-    assert m.loc["scratch", "diff"] < 0 and m.loc["bp", "n_pairs"] == 3
-
-
-def test_equal_budget(curves, study):
-    e = A.equal_budget(curves, A.load_finetune(study))
-    assert e["budget"].eq(50.0).all()  # the shortest finished run: BP's 50 steps x 1 s
-    assert _by_run(e, "dbp", "step") == [40, 40, 40]  # 40 x 1.25 s = 50 s
-    assert _by_run(e, "dbp", "val_loss") == [0.45, 0.48, 0.52]
-    assert _by_run(e, "dbp", "mIoU") == MIOU["dbp"]
-    assert math.isnan(_by_run(e, "dbp__b", "val_loss")[0])  # diverged within the budget
-    assert _by_run(A.equal_budget(curves, budget=25.0), "bp", "step") == [20, 20, 20]
-
-
-def test_sweep_table(curves, strict):
-    s = A.sweep_table(curves, strict).set_index("run_id")
-    assert list(s.index) == sorted(SWEEP)
-    assert s.loc["dbp__a", "time_to_target"] == 25.0 and s.loc["dbp__a", "final_val_loss"] == 0.44
-    assert s.loc["dbp__b", "n_diverged"] == 1 and s.loc["dbp__b", "final_val_loss"] == math.inf
-    assert s.loc["dbp__c", "n_reached"] == 1 and s.loc["dbp__d", "time_to_target"] == math.inf
-    assert s.loc["dbp__b", "sweep.dbp.kappa"] == 0.5
+def test_miou_against_bp_and_scratch(study):
+    m = A.miou(A.load_finetune(study), ["bp", "dbp"]).set_index(["arm", "vs"])
+    assert m.loc[("dbp", "bp"), "mean"] == pytest.approx(np.mean([0.01, 0.015, 0.01]))
+    assert m.loc[("dbp", "bp"), "interval"] == "range" and m.loc[("dbp", "bp"), "p_value"] == 0.25
+    assert m.loc[("bp", "scratch"), "mean"] == pytest.approx(np.mean([0.20, 0.20, 0.23]))
