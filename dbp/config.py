@@ -172,7 +172,7 @@ def _check_grid(grid: dict[str, tuple[Any, ...]], key: str, sections: tuple[str,
 class SeedsConfig:
     """Disjoint seed sets, one per run role (docs/protocol.md rules 1, 5, 8): the runs that
     set the target, tune the arms and are scored never share a seed."""
-    scored: tuple[int, ...] = tuple(range(8))
+    scored: tuple[int, ...] = tuple(range(6))
     target: tuple[int, ...] = (100, 101, 102, 103, 104)
     tuning: tuple[int, ...] = (200,)
 
@@ -195,7 +195,7 @@ class TuningConfig:
     the base budget on every tuning seed; the winner per arm feeds the target-setting and
     scored runs. `enabled: false` pins the config's values (the report says so)."""
     enabled: bool = True
-    grid: dict[str, tuple[Any, ...]] = field(default_factory=lambda: {"pretrain.blr": (8e-3, 1.6e-2, 3.2e-2)})
+    grid: dict[str, tuple[Any, ...]] = field(default_factory=lambda: {"pretrain.blr": (4e-3, 8e-3, 1.6e-2)})
 
     def validate(self, key: str) -> None:
         if self.enabled:
@@ -208,7 +208,7 @@ class BudgetsConfig:
     non-control arm on the first `seeds` scored seeds: with the base runs, a budget curve
     per arm (rule 9)."""
     scales: tuple[float, ...] = (0.5, 1.5)
-    seeds: int = 3
+    seeds: int = 6
 
     def validate(self, key: str) -> None:
         _require(all(s > 0 and s != 1.0 for s in self.scales), f"{key}.scales",
@@ -240,7 +240,6 @@ class Run:
     seeds: tuple[int, ...]
     tuned: bool = True
     sweep: str | None = None
-    budget: float = 1.0
 
     def set_args(self) -> list[str]:
         """The overrides as `dbp pretrain --set` values."""
@@ -307,7 +306,7 @@ class StudyConfig:
             steps = max(1, round(scale * p.steps))
             point = (("pretrain.steps", steps), ("pretrain.warmup_steps", round(scale * p.warmup_steps)))
             for arm in self.tuned_arms():
-                add(Run(f"{arm}__steps={steps}", arm, point, budget_seeds, budget=scale), "budgets.scales")
+                add(Run(f"{arm}__steps={steps}", arm, point, budget_seeds), "budgets.scales")
         if self.tuning.enabled:
             for point in _grid_points(self.tuning.grid):
                 for arm in self.tuned_arms():

@@ -119,10 +119,11 @@ def fig_budgets(a: Analysis) -> Made:
 
 # ----------------------------------------------------------------------------- costs
 
-def _seed_costs(ax: Axes, a: Analysis, metric: str, scale: float, ylabel: str) -> pd.DataFrame:
-    """Every seed's cost to target per arm as a dot, the geometric mean as a bar; misses as
-    red crosses in a band above the axis labelled "not reached", never on the value scale."""
-    t = A.base_runs(a.strict)
+def _seed_costs(ax: Axes, a: Analysis, t: pd.DataFrame, metric: str, scale: float,
+                ylabel: str) -> pd.DataFrame:
+    """Every seed's cost to target per arm (rows of `t`) as a dot, the geometric mean as a
+    bar; misses as red crosses in a band above the axis labelled "not reached", never on
+    the value scale."""
     arms = [r for r in a.arms if r in set(t["arm"])]
     values = {arm: t.loc[t["arm"] == arm, metric].to_numpy(float) * scale for arm in arms}
     finite = np.concatenate([v[np.isfinite(v)] for v in values.values()] or [np.zeros(0)])
@@ -150,10 +151,13 @@ def _seed_costs(ax: Axes, a: Analysis, metric: str, scale: float, ylabel: str) -
 
 
 def fig_time_to_target(a: Analysis) -> Made:
-    fig, (ax,) = _new(a, "Training time to the target",
-                      "Time = steps to the first validation point at or below the target x the "
-                      "arm's median step time (primary); bar: geometric mean of seeds that reached.")
-    data = _seed_costs(ax, a, "seconds", 1.0, "time to target (s)")
+    if a.budget_strict.empty:
+        return None
+    fig, (ax,) = _new(a, "Training time to the target (budget curves)",
+                      "Where each seed's budget curve (runs fully decayed at several budgets, time = "
+                      "steps x the arm's median step time) reaches the target; bar: geometric mean "
+                      "of the seeds that reached it.")
+    data = _seed_costs(ax, a, a.budget_strict, "seconds", 1.0, "time to target (s)")
     _legend(fig, ax)
     return fig, data
 
@@ -166,7 +170,8 @@ def fig_energy(a: Analysis) -> Made:
                       "Energy over the timed training spans to the first crossing" +
                       (": MODELLED (codecarbon's TDP x load estimate, a rescaled clock), not a "
                        "measurement" if a.energy_kind == "modelled" else ": hardware counters") + ".")
-    data = _seed_costs(ax, a, "energy_kwh", 1e3, f"energy to target (Wh, {a.energy_kind})")
+    data = _seed_costs(ax, a, A.base_runs(a.strict), "energy_kwh", 1e3,
+                       f"energy to first crossing (Wh, {a.energy_kind})")
     _legend(fig, ax)
     return fig, data
 

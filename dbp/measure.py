@@ -55,17 +55,18 @@ class Clock:
     gaps outside every span are charged to nothing. The device is synchronised before every
     clock read, so queued GPU work is charged to the span that queued it.
 
-    With a `meter`, the EnergyMeter runs exactly while `train` is the innermost span; its
-    start/stop overhead is charged to the excluded bucket "energy".
+    With a `meter` (an EnergyMeter, an NvmlEnergy, or a list of them), each runs exactly
+    while `train` is the innermost span; their start/stop overhead is charged to the
+    excluded bucket "energy".
 
     `cpu_seconds` is the process CPU time (time.process_time: every thread of this process,
     not DataLoader worker processes) charged to `train` the same way: against wall time it
     shows whether the run had its cores to itself (docs/protocol.md, rule 11).
     """
 
-    def __init__(self, device: torch.device | str, meter: EnergyMeter | None = None):
+    def __init__(self, device: torch.device | str, meter: Any = None):
         self.device = torch.device(device)
-        self.meter = meter
+        self.meters = [m for m in (meter if isinstance(meter, (list, tuple)) else [meter]) if m is not None]
         self._train = 0.0
         self._cpu = 0.0
         self._excluded: dict[str, float] = {}
@@ -98,11 +99,9 @@ class Clock:
             self._stack.append(push)
         after = self._stack[-1] if self._stack else None
         self._last, self._cpu_last = now, cpu
-        if self.meter is not None and (before == TRAIN) != (after == TRAIN):
-            if after == TRAIN:
-                self.meter.start()
-            else:
-                self.meter.stop()
+        if self.meters and (before == TRAIN) != (after == TRAIN):
+            for m in self.meters:
+                m.start() if after == TRAIN else m.stop()
             self._last, self._cpu_last = time.perf_counter(), time.process_time()
             self._charge("energy", self._last - now)
 
@@ -395,6 +394,55 @@ class EnergyMeter:
             warnings.warn(f"EnergyMeter: resumed totals used {state['carbon_intensity_g_per_kwh']}"
                           f" gCO2e/kWh, this run uses {self.intensity}", RuntimeWarning,
                           stacklevel=2)
+
+
+class NvmlEnergy:
+    """The GPU's own energy counter (NVML, millijoules since the driver loaded) read at the
+    start and end of every timed span: a measurement (docs/protocol.md rule 10), unlike
+    codecarbon's estimates. One per rank, for that rank's device; sum `kwh` over ranks.
+    `for_device` gives None where there is no NVIDIA GPU or its counter is not supported."""
+
+    def __init__(self, read_mj: Callable[[], int], name: str):
+        self._read, self.name = read_mj, name
+        self.kwh, self._t0 = 0.0, None
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> NvmlEnergy | None:
+        if device.type != "cuda":
+            return None
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            uuid = str(torch.cuda.get_device_properties(device).uuid)
+            handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+            read = lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)  # noqa: E731
+            read()  # raises where the counter is not supported (pre-Volta)
+            return cls(read, f"NVML energy counter, {pynvml.nvmlDeviceGetName(handle)}")
+        except Exception:  # noqa: BLE001 - no counter: energy stays modelled
+            return None
+
+    def start(self) -> None:
+        self._t0 = self._read()
+
+    def stop(self) -> None:
+        if self._t0 is not None:
+            self.kwh += (self._read() - self._t0) / 3.6e9
+            self._t0 = None
+
+    def state_dict(self) -> dict[str, float]:
+        return {"kwh": self.kwh}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.kwh = float(state.get("kwh", 0.0))
+
+
+def summed_over_ranks(value: float, device: torch.device) -> float:
+    """`value` summed over every rank (itself when not distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return float(t.item())
 
 
 # ----------------------------------------------------------------------------- provenance

@@ -27,13 +27,14 @@ from torch.utils.data import DataLoader
 from dbp import DBP, decorrelate
 from dbp.config import DataConfig, DBPConfig, EnergyConfig, PretrainConfig
 from dbp.data import TrainData, prepare_pretrain_data
-from dbp.measure import Clock, EnergyMeter, atomic_torch_save, atomic_write_json, atomic_write_text, progress_enabled, provenance
+from dbp.measure import Clock, EnergyMeter, NvmlEnergy, atomic_torch_save, summed_over_ranks, atomic_write_json, atomic_write_text, progress_enabled, provenance
 from dbp.model import build_mae, fixed_mask_noise, mask_noise, param_groups, step_macs
 from dbp.probe import InputCorrelationProbe
 
 COLUMNS = ["step", "epoch", "images_seen", "train_seconds", "eval_seconds", "checkpoint_seconds",
            "train_loss", "val_loss", "energy_kwh", "co2_kg", "images_per_second", "lr",
-           "decor_loss", "mean_abs_corr", "cpu_seconds", "cpu_util", "load_avg"]
+           "decor_loss", "mean_abs_corr", "cpu_seconds", "cpu_util", "load_avg",
+           "measured_kwh"]
 
 
 # ----------------------------------------------------------------------------- environment
@@ -244,7 +245,8 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
                         country_iso_code=energy_cfg.country_iso_code,
                         measure_power_secs=energy_cfg.measure_power_secs,
                         fallback_watts=energy_cfg.fallback_watts, output_dir=out)
-    clock = Clock(device, meter=meter)  # energy is metered exactly while the train clock runs
+    gpu = NvmlEnergy.for_device(device) if energy_cfg.enabled else None  # measured, per rank
+    clock = Clock(device, meter=[meter, gpu])  # energy is metered exactly while the train clock runs
     rows: list[dict] = []
     step, resumed_from = 0, []
     digest = run_digest(resolved_config, arm, seed, data.manifest_hash, world)
@@ -261,6 +263,8 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
         scaler.load_state_dict(state["scaler"])
         clock.load_state_dict(state["clock"])
         meter.load_state_dict(state["energy"])
+        if gpu is not None and state.get("gpu_energy"):
+            gpu.load_state_dict(state["gpu_energy"])
         if driver is not None:
             driver.load_state_dict(state["dbp"])
         torch.set_rng_state(state["torch_rng"])
@@ -273,7 +277,7 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
     def save_checkpoint() -> None:
         state = {"step": step, "rows": rows, "model": model.state_dict(), "optimizer": opt.state_dict(),
                  "scaler": scaler.state_dict(), "clock": clock.state_dict(), "energy": meter.state_dict(),
-                 "dbp": driver.state_dict() if driver else None, "torch_rng": torch.get_rng_state(),
+                 "gpu_energy": gpu.state_dict() if gpu else None, "dbp": driver.state_dict() if driver else None, "torch_rng": torch.get_rng_state(),
                  "resumed_from": resumed_from, "run_digest": digest}
         atomic_torch_save(state, ckpt_path)
 
@@ -285,7 +289,8 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
                "checkpoint_seconds": clock.excluded_seconds.get("checkpoint", 0.0),
                "train_loss": train_loss, "val_loss": ev["val_loss"], "energy_kwh": energy["energy_kwh"],
                "co2_kg": energy["co2_kg"], "lr": opt.param_groups[0]["lr"], "decor_loss": ev["decor_loss"],
-               "mean_abs_corr": ev["mean_abs_corr"], "cpu_seconds": clock.cpu_seconds, **segment}
+               "mean_abs_corr": ev["mean_abs_corr"], "cpu_seconds": clock.cpu_seconds, **segment,
+               "measured_kwh": summed_over_ranks(gpu.kwh if gpu else math.nan, device)}
         rows.append(row)
         if lead:
             atomic_write_text(out / "metrics.csv", _csv(rows))
@@ -357,7 +362,9 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
         info["r_identical_across_ranks"] = _r_identical_across_ranks(driver, world)
     info.update(status=status, steps_done=step, train_seconds=clock.train_seconds,
                 cpu_seconds=clock.cpu_seconds, excluded_seconds=clock.excluded_seconds,
-                energy=meter.totals(), skipped_images=data.train.skipped)
+                energy={**meter.totals(), "measured_kwh": rows[-1]["measured_kwh"],
+                        "measured_method": f"{gpu.name}, summed over {world} rank(s)" if gpu else None},
+                skipped_images=data.train.skipped)
     if lead:
         if status == "finished":
             atomic_torch_save({"model_name": cfg.model, "model_kwargs": {"mask_ratio": cfg.mask_ratio,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dbp._compat  # noqa: F401  (before timm/mmseg: see that module)
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -410,14 +411,31 @@ def _train_stems(ade: Path, out: Path, fraction: float, seed: int,
     return stems
 
 
-def _finished(out: Path) -> dict | None:
-    """metrics.json of a finished run in `out`, else None."""
+def run_digest(cfg: dict, pretrained: Path | None) -> str:
+    """Digest of everything that decides a fine-tune: the Runner config (data, model, seed,
+    schedule) and the bytes of the encoder it starts from."""
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    if pretrained is not None:
+        h.update(pretrained.read_bytes())
+    return h.hexdigest()
+
+
+def _previous(out: Path, digest: str) -> dict | None:
+    """metrics.json of a finished run in `out` made with this digest, else None. State made
+    with another digest (config, seed or encoder changed) is deleted, never resumed or reused."""
     try:
-        if json.loads((out / "run.json").read_text())["status"] != "finished":
-            return None
-        return json.loads((out / "metrics.json").read_text())
-    except (OSError, ValueError, KeyError):
+        info = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
         return None
+    if info.get("run_digest") != digest:
+        print(f"[finetune] {out} holds a run made with a different config or encoder (digest "
+              f"{str(info.get('run_digest'))[:12]} != {digest[:12]}): starting over", flush=True)
+        for stale in [out / "metrics.json", out / "last_checkpoint", *out.glob("iter_*.pth")]:
+            stale.unlink(missing_ok=True)
+        return None
+    if info.get("status") != "finished" or not (out / "metrics.json").is_file():
+        return None
+    return json.loads((out / "metrics.json").read_text())
 
 
 def finetune(out_dir: str | Path, *, pretrained: str | Path | None, data_root: str | Path,
@@ -430,14 +448,12 @@ def finetune(out_dir: str | Path, *, pretrained: str | Path | None, data_root: s
     """Fine-tune one encoder (an export, or None for the random-init "scratch" arm) on the
     ADE-layout folder `data_root`; returns the metrics written to `out_dir/metrics.json`.
 
-    A run already finished in `out_dir` is returned as is; an interrupted one resumes from its
-    last checkpoint. The pretrained file is checked (exists, mmseg loads every weight) before
+    A run already finished in `out_dir` with the same config and encoder is returned as is;
+    an interrupted one resumes from its last checkpoint; state from another config or encoder
+    is discarded. The pretrained file is checked (exists, mmseg loads every weight) before
     anything is trained.
     """
     out = Path(out_dir)
-    done = _finished(out)
-    if done is not None:
-        return done
     ade = Path(data_root)
     pre = _pretrained_info(Path(pretrained) if pretrained is not None else None, model_name)
     out.mkdir(parents=True, exist_ok=True)
@@ -447,6 +463,10 @@ def finetune(out_dir: str | Path, *, pretrained: str | Path | None, data_root: s
                            model_name=model_name, pretrained=pretrained, seed=seed, preset=preset,
                            fraction=fraction, iterations=iterations, num_workers=num_workers,
                            world_size=world)
+    digest = run_digest(cfg, Path(pretrained) if pretrained is not None else None)
+    done = _previous(out, digest)
+    if done is not None:
+        return done
     resume = (out / "last_checkpoint").exists()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     meter = EnergyMeter(enabled=energy_enabled and int(os.environ.get("RANK", "0")) == 0,
@@ -455,7 +475,7 @@ def finetune(out_dir: str | Path, *, pretrained: str | Path | None, data_root: s
     clock = Clock(device, meter=meter)
     info = {**pre, "seed": seed, "preset": preset, "model_name": model_name, "status": "running",
             "train_images": len(stems), "manifest_hash": manifest_hash(stems),
-            "config": resolved_config, "mmengine_config": cfg, "device": str(device),
+            "config": resolved_config, "run_digest": digest, "mmengine_config": cfg, "device": str(device),
             "world_size": world, "provenance": provenance()}
     atomic_write_json(out / "run.json", info)
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dbp import measure
-from dbp.measure import (Clock, EnergyMeter, atomic_torch_save, atomic_write_json,
+from dbp.measure import (Clock, NvmlEnergy, summed_over_ranks, EnergyMeter, atomic_torch_save, atomic_write_json,
                          atomic_write_text, git_state, progress_enabled, provenance,
                          set_quiet_env)
 
@@ -444,3 +444,21 @@ def test_set_quiet_env(monkeypatch):
     monkeypatch.setenv("CODECARBON_LOG_LEVEL", "debug")  # a user's choice is kept
     set_quiet_env()
     assert os.environ["CODECARBON_LOG_LEVEL"] == "debug"
+
+
+def test_nvml_energy_counts_exactly_the_timed_spans():
+    readings = iter([1_000, 3_601_000, 5_000_000, 8_600_000])  # mJ: two spans of 3.6e6 mJ
+    gpu = NvmlEnergy(lambda: next(readings), "fake GPU")
+    clock = Clock("cpu", meter=[None, gpu])
+    with clock.train():
+        pass
+    with clock.excluded("eval"):  # not read: the counter's 1.4e6 mJ in between are not charged
+        pass
+    with clock.train():
+        pass
+    assert gpu.kwh == pytest.approx(2 * 3.6e6 / 3.6e9)
+    resumed = NvmlEnergy(lambda: 0, "fake GPU")
+    resumed.load_state_dict(gpu.state_dict())
+    assert resumed.kwh == gpu.kwh
+    assert NvmlEnergy.for_device(torch.device("cpu")) is None
+    assert summed_over_ranks(2.5, torch.device("cpu")) == 2.5  # one process: itself

@@ -53,13 +53,17 @@ def test_report_files(written, study):
 
 def test_headline_numbers_and_flags(written, study):
     rows = _rows(study / "headline.md")
-    primary = rows["Wall-clock to target (steps x median step time; primary)"]
+    # primary: the budget curves of seeds 0 and 1, BP at 45 s, DBP at most 31.25 s
+    primary = rows["Wall-clock to target, budget curve (primary)"]
+    assert primary[1] == "1.44x [1.44x, 1.44x] (range of 2 seeds)" and primary[3] == "21.1 %"
+    assert primary[4] == "2 (both reached 2; missed: BP 0, arm 0)" and primary[5] == "p = 0.5 (sign-flip)"
+    first = rows["Wall-clock to target, first crossing (steps x median step time)"]
     g = (1.6 ** 4 * (40 / 37.5)) ** 0.2
-    assert primary[1].startswith(f"{g:.2f}x [") and "95 % t interval" in primary[1]
-    assert primary[2] == f"{100 * (1 - 1 / g):.1f} %" and primary[3] == "21.1 %"
-    assert primary[4] == "6 (both reached 5; missed: BP 1, arm 0)" and primary[5] == "p = 0.0312 (sign-flip)"
-    assert rows["Steps to target"][1].startswith(f"{(2 ** 4 * 40 / 30) ** 0.2:.2f}x")
-    energy = rows["Energy to target (modelled)"]
+    assert first[1].startswith(f"{g:.2f}x [") and "95 % t interval" in first[1]
+    assert first[2] == f"{100 * (1 - 1 / g):.1f} %" and first[3] == "–"
+    assert first[4] == "6 (both reached 5; missed: BP 1, arm 0)" and first[5] == "p = 0.0312 (sign-flip)"
+    assert rows["Steps to target, first crossing"][1].startswith(f"{(2 ** 4 * 40 / 30) ** 0.2:.2f}x")
+    energy = rows["Energy to target, first crossing (modelled)"]
     assert energy[3] == "–"  # a modelled figure is never set beside the paper's CO2
     assert rows["mIoU change vs bp (points)"][1].startswith("+1.17 [+1.00, +1.50] (range of 3 seeds)")
     text = (study / "headline.md").read_text()
@@ -73,7 +77,8 @@ def test_headline_numbers_and_flags(written, study):
 def test_per_seed_overhead_tuning_budget_rows(written, study):
     per_seed = _rows(study / "per_seed.md")
     assert per_seed["dbp/3"][5] == "50" and per_seed["dbp/3"][9] == "1.07x"  # sustained later
-    assert per_seed["bp/5"][4] == "∞" and per_seed["bp/1"][7] == "130.0" and per_seed["bp/1"][10] == "1"
+    assert per_seed["bp/5"][4] == "∞" and per_seed["bp/1"][7] == "130.0" and per_seed["bp/1"][11] == "1"
+    assert per_seed["bp/1"][10] == "45.0 (interpolated)" and per_seed["dbp/0"][10] == "31.2 (at most)"
     assert "identity/5" not in per_seed
     overhead = _rows(study / "overhead.md")
     assert overhead["dbp"][3].startswith("1.250") and overhead["bp"][6] == "1 of 38"
@@ -98,8 +103,13 @@ def test_readme_block_is_filled_from_the_headline(study, tmp_path):
 
 
 def test_results_side_imports_no_torch():
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "import dbp.analysis, dbp.stats, dbp.config, dbp.report, dbp.figures")
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'torch': raise ImportError('torch is blocked')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import dbp.analysis, dbp.stats, dbp.config, dbp.report, dbp.figures, dbp.cli\n"
+            "assert 'torch' not in sys.modules")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
 
@@ -117,16 +127,18 @@ def test_figures_written_at_size(study, tmp_path):
 
 
 def test_time_to_target_draws_every_seed_and_misses_above_the_axis(analysis):
-    fig, data = F.fig_time_to_target(analysis)
+    btt = analysis.budget_ttt.copy()
+    btt.loc[(btt["arm"] == "bp") & (btt["seed"] == 1), ["seconds", "kind"]] = [math.inf, "miss"]
+    fig, data = F.fig_time_to_target(dataclasses.replace(analysis, budget_ttt=btt))
     d = data.set_index("arm")
-    assert d.loc["bp", "misses"] == 1 and d.loc["dbp", "misses"] == 0
-    assert d.loc["dbp", "geo_mean"] == pytest.approx((25 ** 5 * 37.5) ** (1 / 6))
+    assert d["misses"].to_dict() == {"bp": 1, "dbp": 0}
+    assert d["geo_mean"].to_dict() == pytest.approx({"bp": 45.0, "dbp": 31.25})  # budget curves
     ax = fig.axes[0]
     top = ax.get_ylim()[1]
     crosses = [ln for ln in ax.lines if ln.get_marker() == "x"]
     assert len(crosses) == 1 and crosses[0].get_ydata()[0] > top / 1.12  # above the value axis
     seeds = [ln for ln in ax.lines if ln.get_marker() == "o"]
-    assert [len(ln.get_xdata()) for ln in seeds] == [5, 6, 5]  # bp 5 reached, dbp 6, identity 5
+    assert [len(ln.get_xdata()) for ln in seeds] == [1, 2]  # bp: one seed reached, dbp: two
 
 
 def test_loss_figure_draws_each_seed_and_keeps_identity_visible(analysis):

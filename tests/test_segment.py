@@ -156,6 +156,19 @@ def test_resume_after_the_last_iteration_still_validates(ade, encoder, tmp_path,
     assert json.loads((tmp_path / "run.json").read_text())["resumed_from"] == 2
 
 
+def test_a_changed_config_or_encoder_is_never_reused(ade, encoder, tmp_path, capsys):
+    first = _finetune(tmp_path, ade, encoder, iterations=2)
+    assert first["iterations"] == 2
+    again = _finetune(tmp_path, ade, encoder, iterations=3)  # a finished folder, new config
+    assert again["iterations"] == 3 and "starting over" in capsys.readouterr().out
+    other_seed = _finetune(tmp_path, ade, encoder, iterations=3, seed=1)
+    assert json.loads((tmp_path / "run.json").read_text())["seed"] == 1
+    assert other_seed["seed"] == 1
+    scratch = _finetune(tmp_path, ade, None, iterations=3, seed=1)  # another encoder
+    assert scratch["arm"] == "scratch"
+    assert _finetune(tmp_path, ade, None, iterations=3, seed=1) == scratch  # unchanged: reused
+
+
 def test_scratch_arm_trains_from_random_init(ade, tmp_path):
     m = _finetune(tmp_path, ade, None)
     assert m["arm"] == "scratch" and 0.0 <= m["mIoU"] <= 1.0

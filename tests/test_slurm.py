@@ -32,5 +32,5 @@ def test_smoke_study_runs_through_slurm(tmp_path):
     # every pre-training job ran as a SLURM job: the plugin keeps one log per job id
     logs = sorted((tmp_path / "slurm_logs").rglob("*.log"))
     pretrain_logs = [p for p in logs if "rule_pretrain" in p.parts]
-    assert len(pretrain_logs) == 2, logs
+    assert len(pretrain_logs) == 9, logs  # smoke: 2 target/scored BP, DBP, 2 budgets, 4 trials
     assert all(p.stem.isdigit() for p in pretrain_logs)  # named by SLURM job id

@@ -37,15 +37,29 @@ def _config(name):
 
 def test_default_dry_run(tmp_path):
     jobs = _dry_run_jobs(tmp_path)
-    assert jobs == {"all": 1, "study_config": 1, "embedded_data": 1, "subset_manifest": 3,
-                    "pretrain": 9, "export": 6, "finetune": 9, "summarize": 1, "figures": 1}
+    # pretrain: BP on 8 scored + 5 target seeds, dbp and identity on 8, budget ladder 2 scales x
+    # 2 arms x 3 seeds, tuning 3 LRs x 2 arms x 1 seed; manifests for all 14 seeds
+    assert jobs == {"all": 1, "study_config": 1, "embedded_data": 1, "subset_manifest": 14,
+                    "pretrain": 13 + 8 + 8 + 12 + 6, "select": 1, "export": 6, "finetune": 9,
+                    "summarize": 1, "figures": 1}
 
 
-def test_sweep_dry_runs_expand_every_point(tmp_path):
+def test_scored_and_target_runs_depend_on_the_tuning_selection(tmp_path):
+    text = _snakemake(tmp_path, "-n", "-p").stdout
+    blocks = [b for b in text.split("\nrule ") if b.startswith("pretrain:")]
+    assert len(blocks) == 47
+    for block in blocks:
+        run = re.search(r"wildcards: run=([^,\s]+), seed=(\d+)", block)
+        reads = "tuning/selected.json" in block.split("output:")[0]
+        tuning = "__blr=" in run[1]
+        assert reads != tuning, block  # every run reads the winners except the trials themselves
+        role = re.search(r"--role (\w+)", block)[1]
+        assert role == ("tuning" if tuning else "target" if int(run[2]) >= 100 else "scored")
+
+
+def test_sweep_runs_on_the_tuning_seeds(tmp_path):
     dbp = _dry_run_jobs(tmp_path, "--configfile", _config("default.yaml"), _config("sweep_dbp.yaml"))
-    assert dbp["pretrain"] == 9 + 3 * 2 * 2 * 3  # base arms + decor_lr x kappa x frac, 3 seeds
-    lr = _dry_run_jobs(tmp_path, "--configfile", _config("default.yaml"), _config("sweep_lr.yaml"))
-    assert lr["pretrain"] == 9 + 4 * 2 * 3       # 4 trials for each of bp and dbp: fair tuning
+    assert dbp["pretrain"] == 47 + 3 * 2 * 2  # decor_lr x kappa x frac, on tuning seed 200 only
 
 
 def test_paper_dry_run_with_fake_imagenet_and_ade20k(tmp_path):
@@ -57,8 +71,8 @@ def test_paper_dry_run_with_fake_imagenet_and_ade20k(tmp_path):
     paths.write_text(yaml.safe_dump({"data": {"root": str(tmp_path / "imagenet")},
                                      "finetune": {"root": str(tmp_path / "ade")}}))
     jobs = _dry_run_jobs(tmp_path, "--configfile", _config("paper.yaml"), str(paths))
-    assert jobs == {"all": 1, "study_config": 1, "subset_manifest": 3, "pretrain": 9,
-                    "export": 6, "finetune": 9, "summarize": 1, "figures": 1}
+    assert jobs == {"all": 1, "study_config": 1, "subset_manifest": 12, "pretrain": 11 + 6 + 6 + 8 + 6,
+                    "select": 1, "export": 6, "finetune": 9, "summarize": 1, "figures": 1}
 
 
 @pytest.mark.parametrize("override,message", [
@@ -66,6 +80,9 @@ def test_paper_dry_run_with_fake_imagenet_and_ade20k(tmp_path):
     ({"data": {"fraction": 1.5}}, "data.fraction: must be in (0, 1]"),
     ({"pretrain": {"batch_size": "many"}}, "'many' is not of type 'integer'"),
     ({"sweeps": {"x": {"grid": {"dbp.kapa": [1.0]}}}}, "dbp.kapa: unknown key"),
+    ({"seeds": {"scored": [0, 100]}}, "seeds.scored: shares seeds [100] with seeds.target"),
+    ({"seeds": {"scored": [-1]}}, "seeds.scored: seeds must be >= 0"),
+    ({"dbp": {"kappa": "2e-3"}, "tuning": {"grid": {"pretrain.bl": [1.0]}}}, "pretrain.bl: unknown key"),
 ])
 def test_bad_config_stops_before_any_job(tmp_path, override, message):
     bad = tmp_path / "bad.yaml"
@@ -95,19 +112,32 @@ def test_schema_file_matches_the_typed_config():
 @pytest.mark.slow
 def test_smoke_study_runs_end_to_end_and_is_then_up_to_date(tmp_path):
     _snakemake(tmp_path, "--configfile", _config("smoke.yaml"))
-    runs = sorted((tmp_path / "results" / "smoke" / "pretrain").glob("*/seed0/run.json"))
-    assert [p.parts[-3] for p in runs] == ["bp", "dbp"]
-    for p in runs:
-        info = json.loads(p.read_text())
-        assert info["status"] == "finished" and info["steps_done"] == 20
-    ft = sorted((tmp_path / "results" / "smoke" / "finetune").glob("*/seed0/metrics.json"))
+    results = tmp_path / "results" / "smoke"
+    runs = {(p.parts[-3], p.parts[-2]): json.loads(p.read_text())
+            for p in (results / "pretrain").glob("*/seed*/run.json")}
+    assert {r: i["role"] for r, i in runs.items()} == {
+        ("bp", "seed0"): "scored", ("bp", "seed100"): "target", ("dbp", "seed0"): "scored",
+        ("bp__steps=10", "seed0"): "scored", ("dbp__steps=10", "seed0"): "scored",
+        **{(f"{a}__blr={lr}", "seed200"): "tuning" for a in ("bp", "dbp") for lr in ("0.016", "0.032")}}
+    selected = json.loads((results / "tuning" / "selected.json").read_text())["arms"]
+    for (run_id, seed), info in runs.items():
+        assert info["status"] == "finished"
+        if info["role"] != "tuning":  # the winners flowed into every other run, and trained
+            assert info["tuned"] == selected[info["arm"]]["values"]
+            blr = selected[info["arm"]]["values"]["pretrain.blr"]
+            assert info["peak_lr"] == pytest.approx(blr * 16 / 256)
+    assert runs["bp__steps=10", "seed0"]["steps_done"] == 10 and runs["bp", "seed0"]["steps_done"] == 20
+    ft = sorted((results / "finetune").glob("*/seed0/metrics.json"))
     assert [p.parts[-3] for p in ft] == ["bp", "dbp", "scratch"]
     assert all(0.0 <= json.loads(p.read_text())["mIoU"] <= 1.0 for p in ft)
-    headline = (tmp_path / "results" / "smoke" / "headline.md").read_text()
-    assert "21.1" in headline and "Wall-clock" in headline
+    headline = (results / "headline.md").read_text()
+    assert f"bp {{'pretrain.blr': {selected['bp']['values']['pretrain.blr']}}}" in headline
+    assert "| Wall-clock to target (steps x median step time; primary) |" in headline
+    assert "Only 1 target-setting runs (the protocol asks for 5)" in headline
     pngs = sorted(p.name for p in (tmp_path / "paper_figures" / "smoke").glob("*.png"))
-    assert {"loss_vs_time.png", "loss_vs_steps.png", "decorrelation.png"} <= set(pngs)
+    assert {"loss_vs_time.png", "loss_vs_steps.png", "budget_curves.png", "time_to_target.png"} <= set(pngs)
     again = _snakemake(tmp_path, "--configfile", _config("smoke.yaml"))
     assert "Nothing to be done" in again.stdout + again.stderr
-    report = _snakemake(tmp_path, "report", "--configfile", _config("smoke.yaml"))
-    assert "report" in report.stdout + report.stderr  # re-made from existing results only
+    before = (results / "headline.md").stat().st_mtime_ns
+    _snakemake(tmp_path, "report", "--configfile", _config("smoke.yaml"))
+    assert (results / "headline.md").stat().st_mtime_ns > before  # re-made from the results only

@@ -1,0 +1,56 @@
+"""The study config: run roles on disjoint seeds, the run families, tuned values, bad input."""
+import pytest
+import yaml
+
+from dbp.config import ConfigError, config_from_dict, load_config, with_tuned
+
+
+def test_default_study_runs_and_roles():
+    cfg = config_from_dict({})
+    runs = cfg.runs()
+    assert runs["bp"].seeds == tuple(range(6)) + (100, 101, 102, 103, 104)
+    assert [cfg.role(runs["bp"], s) for s in (0, 100)] == ["scored", "target"]
+    assert runs["identity"].seeds == tuple(range(6))  # controls are neither tuned nor laddered
+    trials = [r for r in runs.values() if not r.tuned]
+    assert sorted(r.run_id for r in trials) == sorted(f"{a}__blr={lr}" for a in ("bp", "dbp")
+                                                      for lr in ("0.004", "0.008", "0.016"))
+    assert all(r.seeds == (200,) and cfg.role(r, 200) == "tuning" for r in trials)
+    ladder = runs["dbp__steps=450"]  # 1.5 x the 300 default steps, warm-up 1.5 x 30
+    assert ladder.seeds == tuple(range(6)) and dict(ladder.overrides) == {"pretrain.steps": 450,
+                                                                          "pretrain.warmup_steps": 45}
+    assert cfg.finetune_seeds() == (0, 1, 2) and cfg.finetune_arms() == ["bp", "dbp", "scratch"]
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"seeds": {"scored": [0, 1], "target": [1, 2]}}, "seeds.scored: shares seeds [1] with seeds.target"),
+    ({"seeds": {"tuning": [100]}}, "seeds.target: shares seeds [100] with seeds.tuning"),
+    ({"seeds": {"scored": [-1]}}, "seeds.scored: seeds must be >= 0, got [-1]"),
+    ({"seeds": [0, 1, 2]}, "seeds: must be a mapping with keys scored, target, tuning"),
+    ({"tuning": {"grid": {"dbp.kappa": [0.1]}}}, "tuning.grid.dbp.kappa: keys look like pretrain.<key>"),
+    ({"budgets": {"scales": [1.0]}}, "budgets.scales: must be > 0 and not 1"),
+    ({"budgets": {"seeds": 9}}, "budgets.seeds: must be <= the 6 scored seeds"),
+    ({"arms": ["dbp"]}, "arms: needs bp"),
+])
+def test_bad_roles_name_the_key(raw, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    assert message in str(err.value)
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    (tmp_path / "c.yaml").write_text("dbp: {kappa: 1e-3, decor_lr: 2e-3}\n")
+    assert yaml.safe_load("x: 1e-3")["x"] == "1e-3"  # what PyYAML gives us
+    cfg = load_config(tmp_path / "c.yaml", ["pretrain.blr=5e-3"])
+    assert (cfg.dbp.kappa, cfg.dbp.decor_lr, cfg.pretrain.blr) == (1e-3, 2e-3, 5e-3)
+    with pytest.raises(ConfigError, match="dbp.kappa: must be a number, got 'abc'"):
+        load_config(None, ["dbp.kappa=abc"])
+
+
+def test_tuned_values_become_the_arms_pretrain_section():
+    cfg = with_tuned(config_from_dict({"arm_overrides": {"dbp": {"blr": 1.0}}}), "dbp",
+                     {"pretrain.blr": 0.032})
+    assert cfg.pretrain_for("dbp").blr == 0.032 and cfg.pretrain_for("bp").blr == 1.6e-2
+    assert cfg.run_config("dbp")["pretrain"]["blr"] == 0.032
+    assert cfg.run_config("bp")["dbp"] is None and cfg.run_config("identity")["dbp"]["decor_lr"] == 0.0
+    with pytest.raises(ConfigError, match="only pretrain.<key> values can be tuned"):
+        with_tuned(cfg, "dbp", {"dbp.kappa": 0.1})
