@@ -334,11 +334,12 @@ class _ClockHook(Hook):
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         checkpoint["dbp_clock"] = self.clock.state_dict()
-        checkpoint["dbp_energy"] = self.clock.meter.state_dict()
+        checkpoint["dbp_energy"] = [m.state_dict() for m in self.clock.meters]
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         self.clock.load_state_dict(checkpoint["dbp_clock"])
-        self.clock.meter.load_state_dict(checkpoint["dbp_energy"])
+        for meter, state in zip(self.clock.meters, checkpoint["dbp_energy"]):
+            meter.load_state_dict(state)
         self.resumed_from = checkpoint["meta"]["iter"]
 
 

@@ -2,8 +2,10 @@
 import dataclasses
 import json
 import math
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from matplotlib import image
@@ -163,3 +165,25 @@ def test_figures_skip_absent_data(tmp_path):
     paths = F.write_figures(plain, tmp_path / "f1", "s")
     assert {p.stem for p in paths} == FIGURES - {"miou"}
     assert math.isfinite(R.analyze(plain, "s").target)
+
+
+# ----------------------------------------------------------------------------- the reference study
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_committed_reference_study_regenerates_its_tables_and_the_readme(tmp_path):
+    """results/default holds the raw records of the README's study: re-analysing them gives
+    the committed tables, and the README's result block is the committed headline."""
+    committed = REPO / "results" / "default"
+    copy = tmp_path / "default"
+    shutil.copytree(committed, copy, ignore=shutil.ignore_patterns("*.md", "*.tex", "*.csv"))
+    R.write_report(copy, "default")
+    for table in ("headline", "per_seed", "overhead", "tuning", "budgets", "relaxed"):
+        assert (copy / f"{table}.md").read_text() == (committed / f"{table}.md").read_text(), table
+    readme = (REPO / "README.md").read_text()
+    block = readme.split(R.README_START)[1].split(R.README_END)[0]
+    assert block == "\n" + (committed / "headline.md").read_text()
+    runs = [json.loads(p.read_text()) for p in (committed / "pretrain").glob("*/seed*/run.json")]
+    assert runs and all(r["status"] == "finished" and not r["provenance"]["git_dirty"] for r in runs)
+    assert {r["role"] for r in runs} == {"target", "tuning", "scored"}

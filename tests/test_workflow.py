@@ -37,17 +37,17 @@ def _config(name):
 
 def test_default_dry_run(tmp_path):
     jobs = _dry_run_jobs(tmp_path)
-    # pretrain: BP on 8 scored + 5 target seeds, dbp and identity on 8, budget ladder 2 scales x
-    # 2 arms x 3 seeds, tuning 3 LRs x 2 arms x 1 seed; manifests for all 14 seeds
-    assert jobs == {"all": 1, "study_config": 1, "embedded_data": 1, "subset_manifest": 14,
-                    "pretrain": 13 + 8 + 8 + 12 + 6, "select": 1, "export": 6, "finetune": 9,
+    # pretrain: BP on 6 scored + 5 target seeds, dbp and identity on 6, budget ladder 2 scales x
+    # 2 arms x 6 seeds, tuning 3 LRs x 2 arms x 1 seed; manifests for all 12 seeds
+    assert jobs == {"all": 1, "study_config": 1, "embedded_data": 1, "subset_manifest": 12,
+                    "pretrain": 11 + 6 + 6 + 24 + 6, "select": 1, "export": 6, "finetune": 9,
                     "summarize": 1, "figures": 1}
 
 
 def test_scored_and_target_runs_depend_on_the_tuning_selection(tmp_path):
     text = _snakemake(tmp_path, "-n", "-p").stdout
     blocks = [b for b in text.split("\nrule ") if b.startswith("pretrain:")]
-    assert len(blocks) == 47
+    assert len(blocks) == 53
     for block in blocks:
         run = re.search(r"wildcards: run=([^,\s]+), seed=(\d+)", block)
         reads = "tuning/selected.json" in block.split("output:")[0]
@@ -57,9 +57,18 @@ def test_scored_and_target_runs_depend_on_the_tuning_selection(tmp_path):
         assert role == ("tuning" if tuning else "target" if int(run[2]) >= 100 else "scored")
 
 
+def test_pinned_values_skip_tuning(tmp_path):
+    pinned = tmp_path / "pinned.yaml"
+    pinned.write_text(yaml.safe_dump({"tuning": {"enabled": False}}))
+    jobs = _dry_run_jobs(tmp_path, "--configfile", _config("default.yaml"), str(pinned))
+    assert "select" not in jobs and jobs["pretrain"] == 53 - 6
+    assert "--tuned" not in _snakemake(tmp_path, "-n", "-p", "--configfile", _config("default.yaml"),
+                                       str(pinned)).stdout
+
+
 def test_sweep_runs_on_the_tuning_seeds(tmp_path):
     dbp = _dry_run_jobs(tmp_path, "--configfile", _config("default.yaml"), _config("sweep_dbp.yaml"))
-    assert dbp["pretrain"] == 47 + 3 * 2 * 2  # decor_lr x kappa x frac, on tuning seed 200 only
+    assert dbp["pretrain"] == 53 + 3 * 2 * 2  # decor_lr x kappa x frac, on tuning seed 200 only
 
 
 def test_paper_dry_run_with_fake_imagenet_and_ade20k(tmp_path):
@@ -71,7 +80,7 @@ def test_paper_dry_run_with_fake_imagenet_and_ade20k(tmp_path):
     paths.write_text(yaml.safe_dump({"data": {"root": str(tmp_path / "imagenet")},
                                      "finetune": {"root": str(tmp_path / "ade")}}))
     jobs = _dry_run_jobs(tmp_path, "--configfile", _config("paper.yaml"), str(paths))
-    assert jobs == {"all": 1, "study_config": 1, "subset_manifest": 12, "pretrain": 11 + 6 + 6 + 8 + 6,
+    assert jobs == {"all": 1, "study_config": 1, "subset_manifest": 12, "pretrain": 11 + 6 + 6 + 24 + 6,
                     "select": 1, "export": 6, "finetune": 9, "summarize": 1, "figures": 1}
 
 
