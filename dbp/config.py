@@ -24,6 +24,7 @@ ARMS = ("bp", "dbp", "identity")
 # control (identity = BP's layers doing nothing, so its losses equal BP's exactly).
 CONTROLS = {"identity": "bp"}
 ROLES = ("target", "tuning", "scored", "sweep")
+FLOAT_TEXT = r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$"  # numbers PyYAML leaves as text
 
 
 class ConfigError(ValueError):
@@ -485,7 +486,8 @@ def json_schema(tp: Any = StudyConfig) -> dict[str, Any]:
         hints = typing.get_type_hints(tp)
         return {"type": "object", "additionalProperties": False,
                 "properties": {f.name: json_schema(hints[f.name]) for f in dataclasses.fields(tp)}}
-    return {Any: {}, float: {"type": "number"}, int: {"type": "integer"}, bool: {"type": "boolean"},
+    return {Any: {}, float: {"type": ["number", "string"], "pattern": FLOAT_TEXT},  # 1e-3: YAML text
+            int: {"type": "integer"}, bool: {"type": "boolean"},
             str: {"type": "string"}}[tp]
 
 

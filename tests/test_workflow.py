@@ -141,7 +141,7 @@ def test_smoke_study_runs_end_to_end_and_is_then_up_to_date(tmp_path):
     assert all(0.0 <= json.loads(p.read_text())["mIoU"] <= 1.0 for p in ft)
     headline = (results / "headline.md").read_text()
     assert f"bp {{'pretrain.blr': {selected['bp']['values']['pretrain.blr']}}}" in headline
-    assert "| Wall-clock to target (steps x median step time; primary) |" in headline
+    assert "| Wall-clock to target, budget curve (primary) |" in headline
     assert "Only 1 target-setting runs (the protocol asks for 5)" in headline
     pngs = sorted(p.name for p in (tmp_path / "paper_figures" / "smoke").glob("*.png"))
     assert {"loss_vs_time.png", "loss_vs_steps.png", "budget_curves.png", "time_to_target.png"} <= set(pngs)

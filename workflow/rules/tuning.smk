@@ -13,7 +13,7 @@ if SELECTED:
             SELECTED,
         params:
             dbp=DBP,
-            results=RESULTS,
+            results=lambda w, output: Path(output[0]).parents[1],
         log:
             f"{RESULTS}/logs/select.log",
         conda:
