@@ -13,23 +13,20 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import math
 import os
 import platform
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
-from pathlib import Path, PurePath
-from typing import IO, Any
+from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 
 from dbp.records import atomic_write, atomic_write_json, atomic_write_text  # noqa: F401
