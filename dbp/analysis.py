@@ -305,12 +305,11 @@ def time_to_target(curves: pd.DataFrame, runs: pd.DataFrame, target: float,
                "planned_steps": r["planned_steps"]}
         for name, i in (("", first), ("sustained_", sustained)):
             row[name + "reached"] = i is not None
-            at = run.iloc[i] if i is not None else None
-            step = float(at["step"]) if at is not None else math.inf
-            row |= {name + "step": step,
-                    name + "train_seconds": float(at["train_seconds"]) if at is not None else math.inf,
-                    name + "cpu_seconds": float(at["cpu_seconds"]) if at is not None else math.inf,
-                    name + "energy_kwh": float(at[energy]) if at is not None else math.inf,
+            at = run.iloc[i] if i is not None else pd.Series(math.inf, index=run.columns)
+            step = float(at["step"])
+            row |= {name + "step": step, name + "train_seconds": float(at["train_seconds"]),
+                    name + "cpu_seconds": float(at["cpu_seconds"]),
+                    name + "energy_kwh": float(at[energy]),
                     name + "seconds": step * step_sec.get(r["arm"], math.nan),
                     name + "flops": 2.0 * (r["macs_per_step"] + r["extra_macs_per_step"]) * step}
         rows.append(row)
@@ -325,9 +324,7 @@ def base_runs(df: pd.DataFrame) -> pd.DataFrame:
 def compare(ttt: pd.DataFrame, arm: str, metric: str, baseline: str = BASELINE,
             level: float = 0.95) -> dict:
     """The paired summary (stats.ratio_summary) of T_baseline / T_arm over seeds."""
-    b = base_runs(ttt)
-    both = b[b["arm"] == baseline].set_index("seed")[metric].to_frame("base").join(
-        b[b["arm"] == arm].set_index("seed")[metric].rename("value"), how="inner")
+    both = _pairs(ttt, arm, metric, baseline, join="inner")
     return {"arm": arm, "metric": metric, **S.ratio_summary(both["base"], both["value"], level)}
 
 
@@ -338,11 +335,16 @@ def comparisons(ttt: pd.DataFrame, arms: Sequence[str], metrics: Sequence[str] =
 
 def paired_ratios(ttt: pd.DataFrame, arm: str, metric: str, baseline: str = BASELINE) -> pd.Series:
     """Per seed: T_baseline / T_arm (inf-aware; both missed: NaN)."""
-    b = base_runs(ttt)
-    base = b[b["arm"] == baseline].set_index("seed")[metric]
-    value = b[b["arm"] == arm].set_index("seed")[metric]
+    p = _pairs(ttt, arm, metric, baseline, join="outer")
     with np.errstate(divide="ignore", invalid="ignore"):
-        return (base / value).rename(arm)
+        return (p["base"] / p["value"]).rename(arm)
+
+
+def _pairs(ttt: pd.DataFrame, arm: str, metric: str, baseline: str, join: str) -> pd.DataFrame:
+    """The baseline's and the arm's base-budget cost per seed, as columns base and value."""
+    b = base_runs(ttt)
+    cost = lambda a: b[b["arm"] == a].set_index("seed")[metric]  # noqa: E731
+    return pd.concat({"base": cost(baseline), "value": cost(arm)}, axis=1, join=join)
 
 
 def noise_check(ttt: pd.DataFrame, step_sec: pd.Series, control: str = "identity",
