@@ -41,39 +41,67 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
+def _supported(m: nn.Module) -> bool:
+    """Whether DBP can put a decorrelated twin in place of `m` (and has not already)."""
+    return not isinstance(m, DecorMixin) and (isinstance(m, nn.Linear) or _is_patch_conv(m))
+
+
 def decorrelate(model: nn.Module, include: Sequence[str], *, seed: int = 0,
                 **layer_options) -> list[DecorMixin]:
-    """Replace, in place, the Linear / patch-conv modules whose qualified names fully match
-    one of the regexes in `include`; return the new decorrelated modules in model order.
+    """Replace, in place, the supported modules selected by the regexes in `include`; return
+    the new decorrelated modules in model order.
+
+    Supported modules are nn.Linear and patch-embedding nn.Conv2d (kernel = stride, no
+    padding, groups = 1, dilation 1). A pattern must fully match a qualified module name.
+    It selects:
+
+    * the matched module itself, if it is supported;
+    * every supported module *under* a matched module that is not (a container such as
+      ``blocks.0.mlp``, or the whole model for ``.*``), as the reference implementation
+      (artcogsys/decorbp) replaces every Linear of the model it is given.
+
+    A matched module that is neither (a GELU, a LayerNorm, a padded conv) is simply not a
+    candidate, and already-decorrelated layers are left as they are. Every pattern must select
+    at least one supported module, else ValueError naming the pattern: a typo fails loudly
+    instead of silently training plain BP. The conversion is all-or-nothing: the full plan is
+    computed and every twin built before the first swap, so on any error the model is unchanged.
 
     All layers share one generator seeded with `seed` for their token subsampling, apart
     from the global RNG, so adding DBP does not change the batches, masks or dropout.
-    Every pattern must match at least one module: a typo fails loudly instead of silently
-    training plain BP.
     """
     if isinstance(include, str):
         include = [include]
     patterns = [re.compile(p) for p in include]
-    generator = torch.Generator().manual_seed(seed)
-    chosen: list[tuple[str, nn.Module]] = []
-    used = [False] * len(patterns)
-    for name, m in model.named_modules():
-        hits = [i for i, p in enumerate(patterns) if p.fullmatch(name)]
-        if not hits or isinstance(m, DecorMixin):
-            continue
-        for i in hits:
-            used[i] = True
-        chosen.append((name, m))
-    unused = [p.pattern for p, u in zip(patterns, used) if not u]
+    named = list(model.named_modules())
+    if _supported(model) and any(p.fullmatch("") for p in patterns):
+        raise ValueError(f"decorrelate: {type(model).__name__} is itself the layer to replace; "
+                         "it cannot be swapped in place (wrap it in a container, or use "
+                         "DecorLinear / DecorPatchEmbed directly)")
+    # 1. plan: which supported modules each pattern selects
+    chosen: dict[str, nn.Module] = {}
+    unused: list[str] = []
+    for p in patterns:
+        roots = [name for name, _ in named if p.fullmatch(name)]
+        picked = [(name, m) for name, m in named if name and _supported(m)
+                  and any(name == r or not r or name.startswith(r + ".") for r in roots)]
+        if not picked:
+            seen = ", ".join(f"{r or '<model>'} ({type(model.get_submodule(r)).__name__})"
+                             for r in roots[:5])
+            unused.append(f"{p.pattern}" + (f" [matched only {seen}]" if seen else ""))
+        chosen.update(picked)
     if unused:
         raise ValueError(f"decorrelate: these patterns match no module of "
-                         f"{type(model).__name__}: {', '.join(unused)}")
-    replaced = []
-    for name, m in chosen:
-        new = _decor_copy(m, name, {**layer_options, "generator": generator})
+                         f"{type(model).__name__}: {'; '.join(unused)} (DBP replaces nn.Linear "
+                         "and patch-embedding nn.Conv2d, or those under a matched container)")
+    # 2. validate and build every twin before touching the model
+    generator = torch.Generator().manual_seed(seed)
+    order = [name for name, _ in named if name in chosen]
+    plan = [(name, _decor_copy(chosen[name], name, {**layer_options, "generator": generator}))
+            for name in order]
+    # 3. swap (setattr on existing parents cannot fail half-way for valid names)
+    for name, new in plan:
         _set_submodule(model, name, new)
-        replaced.append(new)
-    return replaced
+    return [new for _, new in plan]
 
 
 def decor_modules(model: nn.Module) -> list[DecorMixin]:

@@ -1,4 +1,6 @@
 """decorrelate / fuse / DBP on a small ViT-shaped model, and the null-direction hazard."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,9 +101,66 @@ def test_pattern_matching_nothing_raises():
         decorrelate(_model(), [ENCODER, r"blocks\.\d+\.attn\.qkvv"])
 
 
-def test_pattern_matching_an_unsupported_module_raises():
-    with pytest.raises(TypeError, match="blocks.0.norm1"):
-        decorrelate(_model(), [r"blocks\.0\.norm1"])
+def test_pattern_matching_only_an_unsupported_module_raises_and_changes_nothing():
+    model = _model()
+    with pytest.raises(ValueError, match=r"blocks\\\.0\\\.norm1 \[matched only blocks\.0\.norm1 \(LayerNorm\)\]"):
+        decorrelate(model, [ENCODER, r"blocks\.0\.norm1"])
+    assert not decor_modules(model)
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("pattern", [".*", r"\d+"])
+def test_pattern_also_matching_non_linear_modules_converts_only_the_linears(pattern):
+    model, x = _mlp(), torch.randn(4, 6)
+    want = model(x)
+    mods = decorrelate(model, [pattern])
+    assert [type(m) for m in model] == [DecorLinear, nn.GELU, DecorLinear]
+    assert mods == [model[0], model[2]]
+    assert torch.equal(model(x), want)
+
+
+def test_pattern_matching_a_container_converts_every_supported_module_under_it():
+    model = _model()
+    model.blocks[0].mlp.act = nn.GELU()
+    model.blocks[0].mlp.pad = nn.Conv2d(3, 3, 3, padding=1)   # not a patch conv: skipped
+    mods = decorrelate(model, [r"blocks\.0\.mlp", r"patch_embed"])
+    assert mods == [model.patch_embed.proj, model.blocks[0].mlp.fc1, model.blocks[0].mlp.fc2]
+    assert type(model.blocks[0].mlp.pad) is nn.Conv2d
+    assert type(model.blocks[0].attn.qkv) is nn.Linear
+    # a second pass over the whole model leaves the converted ones alone
+    more = decorrelate(model, [".*"])
+    assert model.blocks[0].mlp.fc1 is mods[1] and mods[1] not in more
+    assert len(more) == 3 * 4 - 2
+
+
+def test_conversion_is_all_or_nothing(monkeypatch):
+    dec = importlib.import_module("dbp.decorrelate")   # dbp.decorrelate is also the function
+    real, calls = dec._decor_copy, []
+
+    def failing_on_second(m, name, options):
+        calls.append(name)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real(m, name, options)
+
+    monkeypatch.setattr(dec, "_decor_copy", failing_on_second)
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="boom"):
+        decorrelate(model, [".*"])
+    assert calls == ["0", "2"]
+    assert [type(m) for m in model] == [nn.Linear, nn.GELU, nn.Linear]
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_model_that_is_itself_a_linear_cannot_be_replaced_in_place():
+    with pytest.raises(ValueError, match="Linear is itself the layer"):
+        decorrelate(nn.Linear(3, 3), [".*"])
 
 
 def test_dbp_updates_every_k_steps_and_restores_state():
