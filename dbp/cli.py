@@ -105,9 +105,12 @@ def _cmd_select(args) -> None:
 
 
 def _cmd_export(args) -> None:
-    from dbp.export import export_encoder
+    from dbp.export import ExportError, check_checkpoint_file, export_encoder
     final = args.pretrain_run / "final.pt" if args.pretrain_run.is_dir() else args.pretrain_run
-    info = export_encoder(final, args.out)
+    try:
+        info = export_encoder(check_checkpoint_file(final, "pre-training checkpoint"), args.out)
+    except (FileNotFoundError, ExportError) as err:
+        sys.exit(f"dbp export: {err}")
     check = info["check"]
     print(f"{args.out}: {info['arm']}/seed{info['seed']} step {info['step']}, "
           f"{check['loaded_keys']} tensors load into mmseg's {info['model_name']} backbone, "
@@ -115,7 +118,7 @@ def _cmd_export(args) -> None:
 
 
 def _cmd_finetune(args) -> None:
-    from dbp.export import ExportError
+    from dbp.export import ExportError, check_checkpoint_file
     from dbp.measure import set_quiet_env
     from dbp.segment import ade_root, finetune
     set_quiet_env()
@@ -123,6 +126,8 @@ def _cmd_finetune(args) -> None:
     f, e = cfg.finetune, cfg.energy
     pretrained = None if str(args.pretrained) == "none" else args.pretrained
     try:
+        if pretrained is not None:
+            check_checkpoint_file(pretrained, "pretrained encoder")
         m = finetune(args.out, pretrained=pretrained,
                      data_root=ade_root(f.kind, f.root, f.embedded_seed), seed=args.seed,
                      model_name=cfg.pretrain.model, preset=f.preset, iterations=f.iterations,

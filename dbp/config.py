@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from dbp.presets import PRESETS
+
 ENCODER_LAYERS = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 PATCH_EMBED = r"patch_embed\.proj"
 ARMS = ("bp", "dbp", "identity")
@@ -44,7 +46,7 @@ class DataConfig:
     fraction: float = 1.0                # subset of train images, sampled per run seed
     class_balanced: bool = False
     on_error: Literal["raise", "skip"] = "raise"  # corrupt images: stop, or skip and count
-    image_size: int = 32
+    image_size: int = 32                 # must equal the model preset's input size
     val_images: int | None = None        # a fixed sample spread over classes (None: all)
     num_workers: int = 2
 
@@ -79,6 +81,8 @@ class PretrainConfig:
     compile: bool = False
 
     def validate(self, key: str) -> None:
+        _require(self.model in PRESETS, f"{key}.model",
+                 f"unknown model {self.model!r}; choose one of {sorted(PRESETS)}")
         _require(0.0 < self.mask_ratio < 1.0, f"{key}.mask_ratio", "must be in (0, 1)")
         for name in ("batch_size", "accum_steps", "steps", "eval_every", "checkpoint_every"):
             _require(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
@@ -122,7 +126,7 @@ class DBPConfig:
 class EnergyConfig:
     enabled: bool = True
     country_iso_code: str = "NLD"
-    measure_power_secs: float = 15.0
+    measure_power_secs: float = 1.0     # codecarbon's power-sampling interval (its task-mode rate)
     fallback_watts: float = 18.0        # used only if codecarbon fails: its own CPU+RAM estimate here
 
     def validate(self, key: str) -> None:
@@ -276,10 +280,16 @@ class StudyConfig:
                  f"must be <= the {len(self.seeds.scored)} scored seeds")
         _require(self.finetune.seeds <= len(self.seeds.scored), "finetune.seeds",
                  f"must be <= the {len(self.seeds.scored)} scored seeds")
-        if self.finetune.enabled:
-            from dbp.model import PRESETS
-            _require(PRESETS[self.pretrain.model]["depth"] >= 4, "pretrain.model",
-                     "fine-tuning (UperNet) needs at least 4 encoder blocks")
+        for arm in self.arms:
+            key = f"arm_overrides.{arm}.model" if "model" in self.arm_overrides.get(arm, {}) \
+                else "pretrain.model"
+            model = self.pretrain_for(arm).model  # validates the merged section
+            size = PRESETS[model]["img_size"]
+            _require(self.data.image_size == size, "data.image_size",
+                     f"must equal the input size of {key} {model!r} ({size}), got {self.data.image_size}")
+            if self.finetune.enabled:
+                _require(PRESETS[model]["depth"] >= 4, key,
+                         "fine-tuning (UperNet) needs at least 4 encoder blocks")
         for arm in self.arm_overrides:
             self.pretrain_for(arm)  # validates the merged section
         for name, sweep in self.sweeps.items():
@@ -457,8 +467,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
-        raw = yaml.safe_load(p.read_text()) or {}
-        _require(isinstance(raw, dict), str(p), "top level must be a mapping")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            problem = ("not UTF-8 text" if isinstance(e, UnicodeDecodeError)
+                       else getattr(e, "problem", None) or str(e).splitlines()[0])
+            raise ConfigError(f"{p}: not valid YAML{at}: {problem}") from None
+        _require(isinstance(raw, dict), str(p),
+                 f"top level must be a mapping of sections, got {type(raw).__name__}")
     return config_from_dict(_merge(raw, parse_overrides(overrides or [])))
 
 

@@ -2,16 +2,21 @@
 
 The embedded default and a real ImageNet folder go through the same code: list the images,
 sample the subset by the run's seed, record its manifest and hash, check the files early.
+The manifest side (`imagenet_root`, `train_manifest`; what `dbp data subset` runs) imports no
+torch: only `prepare_pretrain_data` reads dbp.datasets.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dbp.datasets import ImageFolderDataset, check_readable
 from dbp.embedded import make_embedded
 from dbp.subset import (list_images, manifest_hash, read_manifest, sample_subset, spread_sample,
                         write_manifest)
+
+if TYPE_CHECKING:
+    from dbp.datasets import ImageFolderDataset
 
 
 @dataclass
@@ -49,6 +54,7 @@ def prepare_pretrain_data(*, kind: str, root: str | Path, embedded_seed: int, fr
     With on_error="raise" every file is checked before training, so a corrupt image stops
     the run at start-up with its path instead of crashing it hours later.
     """
+    from dbp.datasets import ImageFolderDataset, check_readable  # torch: training side only
     folder = imagenet_root(kind, root, embedded_seed)
     train_paths = train_manifest(folder, fraction, seed, class_balanced, manifest)
     val_paths = spread_sample(list_images(folder, "val"), val_images)  # every class, fixed

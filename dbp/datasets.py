@@ -78,7 +78,9 @@ class ImageFolderDataset(Dataset):
     the main process, with non-persistent DataLoader workers, so workers get the new state).
     val: bicubic resize to image_size, nothing random.
     on_error="skip" replaces an unreadable image by the next readable one, warns once per file,
-    and counts it in `skipped` (per process: DataLoader workers keep their own count).
+    and counts it in `skipped`. The marks live in one shared-memory byte per file, so what
+    DataLoader worker processes find is counted in the main process too (and seen by the
+    other workers and later epochs).
     """
 
     def __init__(self, root: str | Path, rel_paths: Sequence[str], image_size: int, train: bool,
@@ -90,13 +92,13 @@ class ImageFolderDataset(Dataset):
         self.image_size = image_size
         self.train = train
         self.on_error = on_error
-        self._bad: set[str] = set()
+        self._bad = torch.zeros(len(self.rel_paths), dtype=torch.uint8).share_memory_()
         self._epoch_seed: tuple[int, int] | None = None
 
     @property
     def skipped(self) -> int:
         """Number of distinct unreadable files replaced so far."""
-        return len(self._bad)
+        return int(self._bad.sum())
 
     def set_epoch(self, epoch: int, seed: int) -> None:
         """Fix the augmentation stream: sample i of this epoch uses RNG(seed, epoch, i)."""
@@ -116,15 +118,14 @@ class ImageFolderDataset(Dataset):
     def _load_or_substitute(self, index: int) -> Image.Image:
         for k in range(len(self)):
             j = (index + k) % len(self)
-            rel = self.rel_paths[j]
-            if rel in self._bad:
+            if self._bad[j]:
                 continue
             try:
                 return self._load(j)
             except OSError as e:
                 if self.on_error == "raise":
                     raise
-                self._bad.add(rel)
+                self._bad[j] = 1
                 warnings.warn(f"skipping {e}", RuntimeWarning, stacklevel=3)
         raise OSError(f"no readable image among {len(self)} files under {self.root}")
 

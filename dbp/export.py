@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import io
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,24 @@ FEATURE_TOLERANCE = 1e-5
 
 class ExportError(ValueError):
     """An exported checkpoint that mmseg would not load completely or faithfully."""
+
+
+def check_checkpoint_file(path: str | Path, what: str) -> Path:
+    """`path` if it is an intact torch.save archive (what `dbp pretrain` and `dbp export`
+    write: a zip whose every CRC is checked here, before torch unpickles anything); else
+    FileNotFoundError or ExportError naming the file, so a truncated or corrupt checkpoint
+    stops a command with one line instead of an unpickling traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ExportError(f"{path}: not a readable {what} (a torch.save zip archive): {e}") from None
+    if bad is not None:
+        raise ExportError(f"{path}: corrupt {what}: CRC error in {bad}")
+    return path
 
 
 # ----------------------------------------------------------------------------- conversion

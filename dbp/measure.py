@@ -226,6 +226,18 @@ def _describe_tracker(tracker: Any, version: str) -> str:
     return f"codecarbon {version} task API, tracking_mode={mode}: {body}"
 
 
+def _pace_task_monitor(tracker: Any, seconds: float) -> None:
+    """Sample power every `seconds` in codecarbon's task mode: its monitor thread (created
+    with the tracker, started by each start_task) is otherwise fixed at 1 s, whatever
+    measure_power_secs says. Warns (and keeps codecarbon's rate) if its internals moved."""
+    monitor = getattr(tracker, "_scheduler_monitor_power", None)
+    if monitor is None or not hasattr(monitor, "interval"):
+        warnings.warn(f"EnergyMeter: codecarbon has no task-mode power monitor to pace; "
+                      f"measure_power_secs={seconds:g} is ignored", RuntimeWarning, stacklevel=3)
+        return
+    monitor.interval = float(seconds)
+
+
 class EnergyMeter:
     """codecarbon over exactly the timed region (docs/protocol.md, rule 10), which can never
     crash training.
@@ -234,9 +246,9 @@ class EnergyMeter:
     task (start_task/stop_task). A task resets the hardware baselines at its start and its
     monitor thread stops at its end, so the paused spans (eval, checkpoints) are not counted,
     and a segment costs ~2-3 ms instead of a 0.4 s tracker start. In task mode codecarbon
-    samples power each second (its monitor thread) and at every stop; the periodic scheduler
-    that `measure_power_secs` paces is never started, so that argument is passed on but has
-    no effect in 3.3.2.
+    samples power on its monitor thread (fixed at 1 s in 3.3.2) and at every stop; the
+    periodic scheduler that its own `measure_power_secs` paces is never started. So
+    `measure_power_secs` here sets the monitor thread's interval (1 s = codecarbon's rate).
 
     CO2 = energy x one carbon intensity (`carbon_intensity_g_per_kwh`, default: codecarbon's
     bundled figure for `country_iso_code`). Any exception from codecarbon is reported once as a
@@ -245,7 +257,7 @@ class EnergyMeter:
     segments only. `enabled=False` makes every call a no-op and totals() zeros.
     """
 
-    def __init__(self, country_iso_code: str = "NLD", measure_power_secs: float = 15.0,
+    def __init__(self, country_iso_code: str = "NLD", measure_power_secs: float = 1.0,
                  fallback_watts: float = DEFAULT_FALLBACK_WATTS,
                  carbon_intensity_g_per_kwh: float | None = None,
                  output_dir: str | os.PathLike | None = None, enabled: bool = True):
@@ -276,6 +288,7 @@ class EnergyMeter:
                 country_iso_code=country_iso_code, measure_power_secs=measure_power_secs,
                 tracking_mode="process", output_methods=[], log_level="error",
                 **({"output_dir": str(output_dir)} if output_dir is not None else {}))
+            _pace_task_monitor(self._tracker, measure_power_secs)
             # codecarbon probes the hardware lazily (~1.5 s here, once per process); do it now,
             # outside any timed segment, and fail now rather than mid-run.
             self._tracker.get_detected_hardware()

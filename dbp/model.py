@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from dbp.cost import dbp_extra_macs
 from dbp.layers import DecorMixin
+from dbp.presets import PRESETS  # plain data, torch-free (dbp.config reads it too)
 
 _norm_layer = partial(nn.LayerNorm, eps=1e-6)
 _ENCODER_PREFIXES = ("patch_embed.", "blocks.", "norm.")  # decoder_* names never match
@@ -221,27 +222,6 @@ class MaskedAutoencoderViT(nn.Module):
         latent, mask, ids_restore = self.forward_encoder(imgs, noise)
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs, pred, mask), pred, mask
-
-
-PRESETS: dict[str, dict] = {
-    "mae_vit_small_patch16": dict(img_size=224, patch_size=16, embed_dim=384, depth=12,
-                                  num_heads=6, decoder_embed_dim=256, decoder_depth=4,
-                                  decoder_num_heads=8),
-    "mae_vit_base_patch16": dict(img_size=224, patch_size=16, embed_dim=768, depth=12,
-                                 num_heads=12, decoder_embed_dim=512, decoder_depth=8,
-                                 decoder_num_heads=16),
-    "mae_vit_large_patch16": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24,
-                                  num_heads=16, decoder_embed_dim=512, decoder_depth=8,
-                                  decoder_num_heads=16),
-    # CPU scale: the default study's model (trains in minutes on 2 cores) and the one
-    # benchmarks/dbp_step_cost.py times.
-    "mae_vit_tiny_patch4_32": dict(img_size=32, patch_size=4, embed_dim=128, depth=4,
-                                   num_heads=2, decoder_embed_dim=96, decoder_depth=1,
-                                   decoder_num_heads=3),
-    "mae_vit_bench_patch4_32": dict(img_size=32, patch_size=4, embed_dim=192, depth=6,
-                                    num_heads=3, decoder_embed_dim=128, decoder_depth=2,
-                                    decoder_num_heads=4),
-}
 
 
 def build_mae(name: str, **overrides) -> MaskedAutoencoderViT:

@@ -54,3 +54,70 @@ def test_tuned_values_become_the_arms_pretrain_section():
     assert cfg.run_config("bp")["dbp"] is None and cfg.run_config("identity")["dbp"]["decor_lr"] == 0.0
     with pytest.raises(ConfigError, match="only pretrain.<key> values can be tuned"):
         with_tuned(cfg, "dbp", {"dbp.kappa": 0.1})
+
+
+# ------------------------------------------------------------- issue 11: edges of the config
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+BLOCK_TORCH = ("import sys\n"
+               "class Block:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] == 'torch': raise ImportError('torch is blocked')\n"
+               "sys.meta_path.insert(0, Block())\n")
+
+
+def test_config_and_subset_manifest_need_no_torch(tmp_path):
+    """Validating a config (the Snakefile does, with fine-tuning on) and `dbp data subset`
+    (12 jobs a study) import no torch: they used to pay ~4 s each for it."""
+    for split in ("train", "val"):
+        for c in ("n01", "n02"):
+            (tmp_path / "img" / split / c).mkdir(parents=True)
+            for i in range(5):
+                (tmp_path / "img" / split / c / f"{i}.JPEG").write_bytes(b"")
+    out = tmp_path / "m.txt"
+    code = BLOCK_TORCH + (
+        "from dbp.config import load_config\n"
+        "cfg = load_config('configs/default.yaml')\n"
+        "assert cfg.finetune.enabled\n"
+        "from dbp.cli import main\n"
+        f"main(['data', 'subset', '--config', 'configs/default.yaml', '--set', 'data.kind=imagenet',"
+        f" '--set', 'data.root={tmp_path / 'img'}', '--set', 'data.fraction=0.5', '--seed', '3',"
+        f" '--out', '{out}'])\n"
+        "assert 'torch' not in sys.modules\n")
+    run = __import__("subprocess").run([__import__("sys").executable, "-c", code], cwd=REPO,
+                                       capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert len(out.read_text().split()) == 5  # half of the 10 train images
+
+
+@pytest.mark.parametrize("text, message", [
+    ("data: [unclosed\n  x: 1\n", "not valid YAML at line 2, column 4"),
+    ("- a\n- b\n", "top level must be a mapping of sections, got list"),
+    (b"\xff\xfe\x00garbage", "not valid YAML: not UTF-8 text"),
+])
+def test_config_file_that_is_no_yaml_mapping_is_one_line(tmp_path, text, message):
+    bad = tmp_path / "study.yaml"
+    (bad.write_bytes if isinstance(text, bytes) else bad.write_text)(text)
+    run = __import__("subprocess").run([__import__("sys").executable, "-m", "dbp", "config",
+                                        "--config", str(bad)], capture_output=True, text=True)
+    assert run.returncode == 1 and run.stdout == ""
+    assert len(run.stderr.splitlines()) == 1
+    assert run.stderr.startswith(f"dbp config: config error: {bad}: {message}")
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"pretrain": {"model": "mae_vit_huge"}}, "pretrain.model: unknown model 'mae_vit_huge'"),
+    ({"pretrain": {"model": "mae_vit_huge"}, "finetune": {"enabled": False}},
+     "pretrain.model: unknown model 'mae_vit_huge'"),
+    ({"arm_overrides": {"dbp": {"model": "vit"}}}, "arm_overrides.dbp.model: unknown model 'vit'"),
+    ({"data": {"image_size": 224}},
+     "data.image_size: must equal the input size of pretrain.model 'mae_vit_tiny_patch4_32' (32), got 224"),
+    ({"pretrain": {"model": "mae_vit_base_patch16"}},
+     "data.image_size: must equal the input size of pretrain.model 'mae_vit_base_patch16' (224), got 32"),
+])
+def test_model_and_image_size_are_checked_against_the_presets(raw, message):
+    with pytest.raises(ConfigError, match=__import__("re").escape(message)):
+        config_from_dict(raw)
+    cfg = config_from_dict({"data": {"image_size": 224}, "pretrain": {"model": "mae_vit_small_patch16"}})
+    assert cfg.data.image_size == 224

@@ -288,6 +288,24 @@ def test_corrupt_image_raise_or_skip(tiny, tmp_path):
         assert len([ds[j] for j in range(len(ds))]) == 3 and ds.skipped == 1
 
 
+def test_skipped_images_counted_across_dataloader_workers(tiny, tmp_path):
+    """Issue 11, fault 5: a bad file found in a DataLoader worker is counted in the main
+    process (run.json's skipped_images read 0 with data.num_workers > 0)."""
+    rel = list_images(tiny, "imagenet/val")[:6]
+    for r in rel:
+        (tmp_path / r).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / r).write_bytes((tiny / r).read_bytes())
+    (tmp_path / rel[1]).write_bytes(b"not a jpeg at all" * 10)
+    (tmp_path / rel[4]).write_bytes(b"")
+    ds = ImageFolderDataset(tmp_path, rel, 16, train=False, on_error="skip")
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
+    for _ in range(2):  # a second epoch (fresh workers) neither re-counts nor forgets them
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert sum(len(idx) for _, idx in loader) == 6
+        assert ds.skipped == 2
+
+
 # ---------------------------------------------------------------- ADESegDataset
 
 def test_ade_reduce_zero_label(tiny):

@@ -135,3 +135,40 @@ def test_cli_export(tmp_path, capsys):
     main(["export", "--pretrain-run", str(tmp_path / "run"), "--out", str(tmp_path / "e.pth")])
     assert "52 tensors load" in capsys.readouterr().out
     assert (tmp_path / "e.pth").is_file()
+
+
+def _one_line_exit(argv, *names):
+    """Run the CLI in-process: it must stop with exit status 1 and one line naming `names`."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    msg = e.value.code
+    assert isinstance(msg, str) and "\n" not in msg, msg  # sys.exit(str): one line on stderr, status 1
+    for n in names:
+        assert str(n) in msg
+    return msg
+
+
+def test_cli_bad_checkpoints_are_one_line_and_leave_nothing(tmp_path):
+    """Issue 11, fault 5: a run folder without final.pt, a truncated or corrupt final.pt, a
+    corrupt --pretrained: one line naming the file, exit 1, no output folder or temp file."""
+    write_final_pt(tmp_path / "good" / "final.pt", dbp=False)
+    data = (tmp_path / "good" / "final.pt").read_bytes()
+    (tmp_path / "empty_run").mkdir()
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "final.pt").write_bytes(data[:len(data) // 2])
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF  # inside a tensor's storage: only its CRC tells
+    (tmp_path / "crc").mkdir()
+    (tmp_path / "crc" / "final.pt").write_bytes(bytes(flipped))
+    before = sorted(p for p in tmp_path.rglob("*"))
+    out = tmp_path / "out" / "export" / "enc.pth"
+    assert "not found" in _one_line_exit(["export", "--pretrain-run", str(tmp_path / "empty_run"),
+                                          "--out", str(out)], tmp_path / "empty_run" / "final.pt")
+    assert "not a readable" in _one_line_exit(["export", "--pretrain-run", str(tmp_path / "cut"),
+                                               "--out", str(out)], tmp_path / "cut" / "final.pt")
+    assert "CRC error" in _one_line_exit(["export", "--pretrain-run", str(tmp_path / "crc" / "final.pt"),
+                                          "--out", str(out)], tmp_path / "crc" / "final.pt")
+    ft = tmp_path / "out" / "finetune"
+    _one_line_exit(["finetune", "--pretrained", str(tmp_path / "cut" / "final.pt"), "--seed", "0",
+                    "--out", str(ft)], tmp_path / "cut" / "final.pt")
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # no out/, no .tmp files

@@ -58,6 +58,7 @@ def fake_tracker_class(fail_on: int | None = None, failure: str = "raise"):
 
         def __init__(self, **kwargs):
             self.kwargs, self.stops, self._tasks = kwargs, 0, {}
+            self._scheduler_monitor_power = types.SimpleNamespace(interval=1)  # codecarbon's
             FakeTracker.instances.append(self)
 
         def get_detected_hardware(self):
@@ -302,6 +303,19 @@ def test_energy_meter_with_real_codecarbon():
     assert d.emissions / d.energy_consumed * 1000 == pytest.approx(t["carbon_intensity_g_per_kwh"], rel=1e-6)
 
 
+def test_measure_power_secs_paces_codecarbons_task_monitor():
+    """Issue 11, fault 7: energy.measure_power_secs did nothing (codecarbon's task mode samples
+    on its own 1 s monitor thread); it now sets that thread's interval."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback, no "is ignored" warning
+        meter = EnergyMeter(country_iso_code="NLD", measure_power_secs=0.25)
+    assert meter._tracker._scheduler_monitor_power.interval == 0.25
+    meter.start()
+    busy(0.6)  # samples at 0.25 s: the monitor has run in the segment
+    meter.stop()
+    assert meter.totals()["measured_seconds"] > 0.5
+
+
 def test_energy_meter_falls_back_when_the_tracker_cannot_be_built(fake_time, monkeypatch):
     import codecarbon
 
@@ -332,6 +346,7 @@ def test_energy_meter_failing_mid_run_warns_once_and_estimates_the_rest(fake_tim
     tracker = cls.instances[-1]
     assert tracker.kwargs == dict(country_iso_code="DEU", measure_power_secs=5, tracking_mode="process",
                                   output_methods=[], log_level="error", output_dir="/tmp/run")
+    assert tracker._scheduler_monitor_power.interval == 5  # task mode samples at this pace
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for seconds in (10, 20, 30):  # measured; fails; never asks codecarbon again
