@@ -5,6 +5,11 @@ claims N free devices with exclusive file locks (released when the job's process
 even if it is killed), sets CUDA_VISIBLE_DEVICES and runs the command. Where a scheduler
 already chose the devices (SLURM sets CUDA_VISIBLE_DEVICES) or N = 0, it runs the command
 as it is.
+
+A command that starts with the word `dbp` is launched for N, when the job runs: one plain
+process for N <= 1, torchrun (DDP, one process per GPU) for N > 1. So the workflow's rules
+pass their `gpu` resource, whatever a profile set it to, and nothing is probed when the
+DAG is parsed (a SLURM login node has no GPU).
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import fcntl
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -46,8 +52,21 @@ def claim(n: int, total: int, lock_dir: Path, poll: float = 2.0) -> tuple[list[i
         time.sleep(poll)
 
 
+def dbp_launcher(n: int, python: str = sys.executable) -> list[str]:
+    """The command that runs `dbp` on n GPUs: this Python's `-m dbp`, under torchrun with
+    n processes when n > 1."""
+    if n <= 1:
+        return [python, "-m", "dbp"]
+    return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+            "-m", "dbp"]
+
+
 def run_on_gpus(n: int, cmd: list[str], lock_dir: Path = Path("/tmp/dbp-gpu-locks")) -> int:
     """Run `cmd` on n claimed GPUs (or as is; see the module docstring); its exit code."""
+    if n < 0:
+        raise ValueError(f"GPUs per job must be >= 0, got {n}")
+    if cmd[:1] == ["dbp"]:
+        cmd = dbp_launcher(n) + cmd[1:]
     if n == 0 or "CUDA_VISIBLE_DEVICES" in os.environ:
         return subprocess.call(cmd)
     ids, locks = claim(n, device_count(), lock_dir)

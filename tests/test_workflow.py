@@ -112,6 +112,37 @@ def test_lint_is_clean(tmp_path):
     assert "Congratulations, your workflow is in a good condition!" in out.stdout + out.stderr
 
 
+def test_gpus_per_job_come_from_resources_not_a_parse_time_probe(tmp_path, monkeypatch):
+    """Issue 11, fault 6: the DAG was given GPUs by nvidia-smi on the parsing host (a login
+    node has none, so SLURM fine-tunes ran on CPU). Now only the `gpu` resource counts."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\nprintf '0\\n1\\n2\\n3\\n'\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{__import__('os').environ['PATH']}")
+    out = _snakemake(tmp_path, "-n", "-p", "--set-resources", "finetune:gpu=2").stdout
+    pretrain = re.findall(r"-m dbp gpus (\d+) -- dbp pretrain ", out)
+    finetune = re.findall(r"-m dbp gpus (\d+) -- dbp finetune ", out)
+    assert len(pretrain) == 53 and set(pretrain) == {"0"}  # the default: no probe
+    assert len(finetune) == 9 and set(finetune) == {"2"}   # what the resource says
+
+
+def test_slurm_profile_gives_pretrain_and_finetune_gpus():
+    prof = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    assert prof["set-resources"]["pretrain"]["gpu"] >= 1
+    assert prof["set-resources"]["finetune"]["gpu"] >= 1
+
+
+def test_dbp_gpus_chooses_the_launcher_when_the_job_runs(tmp_path):
+    from dbp.gpus import dbp_launcher, run_on_gpus
+    assert dbp_launcher(0, "py") == dbp_launcher(1, "py") == ["py", "-m", "dbp"]
+    assert dbp_launcher(4, "py") == ["py", "-m", "torch.distributed.run", "--standalone",
+                                     "--nproc_per_node", "4", "-m", "dbp"]
+    assert run_on_gpus(0, ["dbp", "data", "subset", "--seed", "0", "--out", str(tmp_path / "m.txt"),
+                           "--set", f"data.root={REPO / 'data' / 'embedded'}"]) == 0
+    assert (tmp_path / "m.txt").read_text().count("\n") > 0
+
+
 def test_schema_file_matches_the_typed_config():
     on_disk = yaml.safe_load((REPO / "workflow" / "schemas" / "study.schema.yaml").read_text())
     assert {k: v for k, v in on_disk.items() if not k.startswith("$") and k != "description"} \

@@ -9,7 +9,6 @@ from pathlib import Path
 import yaml
 from snakemake.settings.types import DeploymentMethod
 from dbp.config import to_dict
-from dbp.gpus import device_count
 
 RESOLVED = to_dict(STUDY)
 CONFIG_DIGEST = hashlib.sha256(json.dumps(RESOLVED, sort_keys=True).encode()).hexdigest()
@@ -26,18 +25,18 @@ DBP = f"{PYTHON} -m dbp"
 # Threads of a training job: every core of a local run (one job at a time, clocks do not
 # compete); on a cluster (no --cores) the profile's cpus_per_task decides, and the shell
 # command takes SLURM's allocation.
-TRAIN_THREADS = workflow._cores or 1
-# GPUs per training job unless a profile sets resources (e.g. gpu=4: torchrun in one job)
-GPUS_PER_JOB = 1 if device_count() > 0 else 0
+TRAIN_THREADS = workflow.resource_settings.cores or 1
+# GPUs per training job: the rules' default `gpu` resource; profiles/slurm sets it for
+# pretrain and finetune, a workstation with --set-resources pretrain:gpu=1 finetune:gpu=1.
+# Nothing is probed here: the DAG may be parsed on a login node without GPUs.
+GPUS_PER_JOB = 0
 
 
 def launch(gpus):
-    """Command prefix for a dbp job on `gpus` GPUs: its own devices on a workstation, and
-    torchrun (DDP) inside the one job when it needs more than one."""
-    if gpus <= 1:
-        return f"{DBP} gpus {gpus} -- {PYTHON} -m dbp"
-    return (f"{DBP} gpus {gpus} -- {PYTHON} -m torch.distributed.run --standalone "
-            f"--nproc_per_node {gpus} -m dbp")
+    """Command prefix for a dbp job on `gpus` GPUs (the job's resource value): `dbp gpus`
+    gives the job its own devices on a workstation and, when the job runs, starts one plain
+    process or, for more than one GPU, torchrun (DDP) inside the one job."""
+    return f"{DBP} gpus {gpus} -- dbp"
 
 
 def one_of(names):
