@@ -12,19 +12,30 @@ dbp.layers, dbp.decorrelate) need none of this and do not import it.
 2. mmcv-lite has no compiled `mmcv._ext`, but mmseg 1.2.2 imports `mmcv.ops`
    unconditionally. A stub module (with a __spec__, which mmengine's Runner inspects) lets
    it import; any compiled op raises NotImplementedError if called (UperNet calls none).
-3. torch >= 2.6 defaults torch.load to weights_only=True, which rejects mmengine's own
-   checkpoints (HistoryBuffer, numpy objects) on resume/load_from/Pretrained. Our
-   checkpoints are local and trusted, so mmengine's local loader uses weights_only=False.
+3. Every checkpoint is loaded with torch.load(weights_only=True) (`safe_load`): a shared
+   .pth must not run code. What dbp writes is tensors and plain values already; mmengine's own
+   resume checkpoints also hold a message hub of HistoryBuffer objects (numpy arrays and
+   scalars inside, and the buffer's statistics methods, pickled as getattr(HistoryBuffer,
+   'min'|'max'|'current'|'mean')). Exactly those are allow-listed with add_safe_globals:
+   HistoryBuffer, numpy.ndarray, numpy.dtype and the numeric/bool dtype classes,
+   numpy._core.multiarray._reconstruct and .scalar, and, under the name builtins.getattr, a
+   getattr that only returns those four HistoryBuffer methods. mmengine's local loader
+   (resume, load_from, init_cfg=Pretrained) goes through `safe_load` too.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.machinery
 import os.path as osp
+import pickle
+import re
 import sys
 import types
+from typing import Any
 
 import torch
+
+from dbp.config import ConfigError
 
 
 def _torchvision_shim() -> torch.library.Library | None:
@@ -66,20 +77,85 @@ def _mmcv_ext_stub() -> None:
     sys.modules["mmcv._ext"] = stub
 
 
-def _mmengine_trusted_loader() -> None:
+class UnsafeCheckpointError(ConfigError):
+    """A checkpoint that torch.load(weights_only=True) refuses: it holds Python objects beyond
+    tensors and plain values, so unpickling it could run code. A ConfigError, so every CLI
+    command reports it as one line naming the file."""
+
+
+def safe_load(path: Any, map_location: Any = None, *, what: str = "checkpoint") -> Any:
+    """torch.load(path, weights_only=True). A file that needs more than tensors, plain values
+    and the allow-listed types (module docstring, 3) raises UnsafeCheckpointError naming it,
+    before any of its objects is built; one that is no pickle the safe loader can read raises
+    pickle.UnpicklingError naming it (one line). Other failures (missing, truncated zip)
+    propagate as torch raises them."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "weights only load failed" not in text.lower():
+            raise
+        boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        detail = " ".join(ln.strip() for ln in text.splitlines()
+                          if ln.strip() and not ln.strip().startswith(boiler))
+        found = re.search(r"GLOBAL (\S+)", detail)
+        if found or "Can only build" in detail:
+            holds = (f"the Python object {found.group(1)}" if found
+                     else "Python objects other than tensors and plain values")
+            raise UnsafeCheckpointError(
+                f"{path}: refusing to load this {what}: it holds {holds}, and unpickling it "
+                "could run code; load only checkpoints written by dbp (or by mmengine for "
+                "dbp)") from None
+        raise pickle.UnpicklingError(f"{path}: not a readable {what} "
+                                     f"({detail or 'weights-only unpickling failed'})") from None
+
+
+_HISTORY_BUFFER_METHODS = frozenset({"min", "max", "current", "mean"})
+
+
+def _allow_mmengine_checkpoint_types() -> None:
+    """add_safe_globals for exactly what mmengine's resume checkpoints hold beyond tensors."""
+    import numpy as np
+    try:
+        from mmengine.logging.history_buffer import HistoryBuffer
+    except ImportError:
+        HistoryBuffer = None  # noqa: N806
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct, scalar
+    dtypes = [type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64,
+                                          np.uint8, np.uint16, np.uint32, np.uint64,
+                                          np.float16, np.float32, np.float64)]
+    allowed: list[Any] = [np.ndarray, np.dtype, *dtypes]
+    for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):  # as numpy 2 / 1 pickle them
+        allowed += [(_reconstruct, f"{mod}._reconstruct"), (scalar, f"{mod}.scalar")]
+    if HistoryBuffer is not None:
+        def history_buffer_method(obj: Any, name: str) -> Any:
+            if obj is HistoryBuffer and name in _HISTORY_BUFFER_METHODS:
+                return getattr(obj, name)
+            raise pickle.UnpicklingError(f"Unsupported global: GLOBAL builtins.getattr is "
+                                         f"allowed for HistoryBuffer statistics only, not "
+                                         f"{name!r}")
+        allowed += [HistoryBuffer, (history_buffer_method, "builtins.getattr")]
+    torch.serialization.add_safe_globals(allowed)
+
+
+def _mmengine_safe_loader() -> None:
     try:
         from mmengine.runner.checkpoint import CheckpointLoader
     except ImportError:
         return
 
     @CheckpointLoader.register_scheme(prefixes="", force=True)
-    def _load_local_trusted(filename: str, map_location=None):
+    def _load_local_safe(filename: str, map_location=None):
         filename = osp.expanduser(filename)
         if not osp.isfile(filename):
             raise FileNotFoundError(f"{filename} can not be found.")
-        return torch.load(filename, map_location=map_location, weights_only=False)
+        return safe_load(filename, map_location)
 
 
 _TV_LIB = _torchvision_shim()
 _mmcv_ext_stub()
-_mmengine_trusted_loader()
+_allow_mmengine_checkpoint_types()
+_mmengine_safe_loader()

@@ -14,6 +14,7 @@ final_norm=False and taps the blocks before it (as `forward_encoder_features` do
 from __future__ import annotations
 
 import dbp._compat  # noqa: F401  (before timm/mmseg: see that module)
+from dbp._compat import safe_load
 
 import contextlib
 import hashlib
@@ -111,7 +112,7 @@ def load_pretrained_mae(final_pt: str | Path) -> tuple[MaskedAutoencoderViT, dic
     final_pt = Path(final_pt)
     if not final_pt.is_file():
         raise FileNotFoundError(f"pre-training checkpoint {final_pt} not found")
-    ckpt = torch.load(final_pt, map_location="cpu", weights_only=False)
+    ckpt = safe_load(final_pt, "cpu", what="pre-training checkpoint")
     model = build_mae(ckpt["model_name"], **ckpt["model_kwargs"])
     if ckpt["dbp"] is not None:  # recreate the R buffers so the saved ones load
         dbp_cfg = DBPConfig(**ckpt["dbp"])
@@ -157,7 +158,7 @@ def read_export(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained encoder {path} not found")
-    raw = torch.load(path, map_location="cpu", weights_only=False)
+    raw = safe_load(path, "cpu", what="pretrained encoder")
     if not isinstance(raw, dict) or not isinstance(raw.get("state_dict"), dict):
         found = sorted(raw)[:5] if isinstance(raw, dict) else type(raw).__name__
         raise ExportError(f"{path}: no top-level 'state_dict' (found {found}); mmseg would load "

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from dbp import DBP, decorrelate
+from dbp._compat import UnsafeCheckpointError, safe_load
 from dbp.config import DataConfig, DBPConfig, EnergyConfig, PretrainConfig
 from dbp.data import TrainData, prepare_pretrain_data
 from dbp.measure import Clock, EnergyMeter, NvmlEnergy, atomic_torch_save, summed_over_ranks, atomic_write_json, atomic_write_text, progress_enabled, provenance
@@ -145,8 +146,10 @@ def _matching_checkpoint(out: Path, digest: str, device: torch.device, lead: boo
     if not path.exists():
         return None
     try:
-        state = torch.load(path, map_location=device, weights_only=False)
+        state = safe_load(path, device, what="pre-training checkpoint")
         old = state.get("run_digest") or "none"
+    except UnsafeCheckpointError:  # never unpickled, and kept for inspection
+        raise
     except Exception:  # noqa: BLE001 - truncated, foreign or from older code: start over
         state, old = None, "unreadable"
     if old == digest:

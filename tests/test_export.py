@@ -172,3 +172,103 @@ def test_cli_bad_checkpoints_are_one_line_and_leave_nothing(tmp_path):
     _one_line_exit(["finetune", "--pretrained", str(tmp_path / "cut" / "final.pt"), "--seed", "0",
                     "--out", str(ft)], tmp_path / "cut" / "final.pt")
     assert sorted(p for p in tmp_path.rglob("*")) == before  # no out/, no .tmp files
+
+
+# ----------------------------------------------------------------------------- safe loading
+# Issue 11, fault 8: a shared checkpoint must never run code when loaded.
+
+class _RunsCode:
+    """Unpickling this runs `touch <marker>`: what a malicious shared .pth would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def write_malicious(path, marker):
+    """A .pth shaped like dbp's files whose unpickling would create `marker`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model_name": MODEL, "state_dict": {"w": torch.zeros(1)}, "meta": {},
+                "run_digest": "x", "payload": _RunsCode(marker)}, path)
+    return path
+
+
+def test_the_malicious_file_really_runs_code_when_unpickled_unsafely(tmp_path):
+    evil = write_malicious(tmp_path / "evil.pth", tmp_path / "ran")
+    torch.load(evil, weights_only=False)  # the old loaders' call
+    assert (tmp_path / "ran").exists()
+
+
+def test_export_and_pretrained_loaders_refuse_a_malicious_file_unrun(tmp_path):
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    from dbp._compat import UnsafeCheckpointError
+    from dbp.config import ConfigError
+    from dbp.export import read_export
+    marker = tmp_path / "pwned"
+    evil = write_malicious(tmp_path / "run" / "final.pt", marker)
+    out = tmp_path / "enc.pth"
+    calls = [lambda: export_encoder(evil, out),            # dbp export
+             lambda: read_export(evil),                      # dbp finetune --pretrained
+             lambda: check_export(evil),
+             lambda: CheckpointLoader.load_checkpoint(str(evil))]  # mmengine: Pretrained, resume
+    for call in calls:
+        with pytest.raises(UnsafeCheckpointError) as e:
+            call()
+        msg = str(e.value)
+        assert msg.startswith(f"{evil}: refusing to load") and "system" in msg and "\n" not in msg
+        assert isinstance(e.value, ConfigError)  # dbp's main() prints it as one line
+    assert not marker.exists() and not out.exists()
+
+
+def test_cli_export_of_a_malicious_checkpoint_is_one_line_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = write_malicious(tmp_path / "run" / "final.pt", marker)
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--pretrain-run", str(tmp_path / "run"), "--out", str(tmp_path / "e.pth")])
+    msg = e.value.code
+    assert isinstance(msg, str) and "\n" not in msg and msg.startswith("dbp export: ")
+    assert f"{evil}: refusing to load this pre-training checkpoint" in msg
+    assert not marker.exists() and not (tmp_path / "e.pth").exists()
+
+
+def test_exports_and_mmengine_checkpoints_still_load_safely(tmp_path):
+    import numpy as np
+    from mmengine.logging import HistoryBuffer, MessageHub
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    from dbp._compat import UnsafeCheckpointError, safe_load
+    write_final_pt(tmp_path / "final.pt", dbp=True)
+    export_encoder(tmp_path / "final.pt", tmp_path / "enc.pth")
+    enc = torch.load(tmp_path / "enc.pth", weights_only=True)  # the suite's own: plain types
+    assert enc["meta"]["arm"] == "dbp" and enc["meta"]["step"] == 7
+    assert torch.equal(safe_load(tmp_path / "enc.pth")["state_dict"]["cls_token"],
+                       enc["state_dict"]["cls_token"])
+
+    # an mmengine resume checkpoint: message hub of HistoryBuffers (numpy inside), numpy meta
+    hub = MessageHub("safe-load-test")
+    for v in (1.5, 2.5, 4.0):
+        hub.update_scalar("train/loss", v)
+    hub.update_scalar("train/lr", np.float64(0.1))
+    hub.update_info("iter", 3)
+    torch.save({"meta": {"iter": 3, "seed": np.int64(5)}, "message_hub": hub.state_dict(),
+                "state_dict": {"w": torch.ones(2)}}, tmp_path / "iter_3.pth")
+    ck = CheckpointLoader.load_checkpoint(str(tmp_path / "iter_3.pth"))
+    loss = ck["message_hub"]["log_scalars"]["train/loss"]
+    assert isinstance(loss, HistoryBuffer)
+    assert loss.mean() == pytest.approx(8.0 / 3) and loss.current() == 4.0
+    assert loss.min() == 1.5 and loss.max() == 4.0
+    assert ck["message_hub"]["log_scalars"]["train/lr"].current() == pytest.approx(0.1)
+    assert ck["meta"]["seed"] == 5 and ck["message_hub"]["runtime_info"]["iter"] == 3
+
+    # the getattr allowed for HistoryBuffer's statistics reaches nothing else
+    class Reach:
+        def __reduce__(self):
+            return getattr, (HistoryBuffer, "__init__")
+
+    torch.save({"x": Reach()}, tmp_path / "reach.pth")
+    with pytest.raises(UnsafeCheckpointError, match="reach.pth: refusing"):
+        CheckpointLoader.load_checkpoint(str(tmp_path / "reach.pth"))

@@ -67,9 +67,12 @@ def test_run_writes_metrics_run_json_and_checkpoints(imagenet, tmp_path):
     assert run["arm"] == "dbp" and run["seed"] == 0 and len(run["manifest_hash"]) == 64
     assert run["train_images"] == 19 * 4 and run["config"]["pretrain"]["steps"] == 6
     assert {"git_commit", "torch"} <= set(run["provenance"])
-    final = torch.load(tmp_path / "final.pt", weights_only=False)
+    final = torch.load(tmp_path / "final.pt", weights_only=True)  # plain types: loads safely
     assert any(k.endswith(".R") for k in final["state_dict"])
-    assert (tmp_path / "checkpoint.pt").exists()
+    assert final["arm"] == "dbp" and final["step"] == 6 and final["run_digest"] == run["run_digest"]
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["run_digest"] == run["run_digest"]
+    assert [r["step"] for r in ckpt["rows"]] == [0, 2, 4, 6]
     assert len((tmp_path / "train_manifest.txt").read_text().split()) == 76
 
 
@@ -102,6 +105,21 @@ def test_kill_and_resume_ends_with_the_same_metrics(imagenet, tmp_path):
     info = _run(cfg, "dbp", tmp_path / "broken")
     assert info["resumed_from"] == [2]
     _same_non_time(_rows(tmp_path / "whole"), _rows(tmp_path / "broken"))
+
+
+def test_resume_refuses_a_malicious_checkpoint_runs_nothing_and_keeps_it(imagenet, tmp_path):
+    """Issue 11, fault 8: out/checkpoint.pt is unpickled on resume; one that would run code
+    stops the run with an error naming it (it is kept, for inspection), and nothing runs."""
+    from test_export import write_malicious
+
+    from dbp._compat import UnsafeCheckpointError
+    marker = tmp_path / "pwned"
+    evil = write_malicious(tmp_path / "run" / "checkpoint.pt", marker)
+    with pytest.raises(UnsafeCheckpointError) as e:
+        _run(_cfg(imagenet), "bp", tmp_path / "run")
+    assert str(e.value).startswith(f"{evil}: refusing to load this pre-training checkpoint")
+    assert not marker.exists() and evil.exists()
+    assert not (tmp_path / "run" / "final.pt").exists()
 
 
 def test_changed_config_starts_over_instead_of_resuming(imagenet, tmp_path, capsys):

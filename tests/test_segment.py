@@ -191,6 +191,19 @@ def test_bad_pretrained_stops_before_training(ade, encoder, tmp_path):
     assert not list(tmp_path.glob("*/iter_*.pth"))  # nothing was trained
 
 
+def test_malicious_pretrained_encoder_stops_finetune_before_it_runs(ade, tmp_path):
+    """Issue 11, fault 8: `dbp finetune --pretrained shared.pth` must never unpickle code."""
+    from test_export import write_malicious
+
+    from dbp._compat import UnsafeCheckpointError
+    marker = tmp_path / "pwned"
+    evil = write_malicious(tmp_path / "shared.pth", marker)
+    with pytest.raises(UnsafeCheckpointError) as e:
+        _finetune(tmp_path / "run", ade, evil)
+    assert str(e.value).startswith(f"{evil}: refusing to load this pretrained encoder")
+    assert not marker.exists() and not list(tmp_path.glob("run/iter_*.pth"))
+
+
 def test_finetune_config_names_bad_keys(tmp_path):
     (tmp_path / "c.yaml").write_text("pretrain: {steps: 50}\nfinetune: {fraction: 0.5}\n")
     cfg = load_config(tmp_path / "c.yaml", ["finetune.iterations=7"])
