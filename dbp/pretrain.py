@@ -24,44 +24,19 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from dbp import DBP, decorrelate
+from dbp import DBP
 from dbp._compat import UnsafeCheckpointError, safe_load
 from dbp.config import DataConfig, DBPConfig, EnergyConfig, PretrainConfig
 from dbp.data import TrainData, prepare_pretrain_data
 from dbp.measure import Clock, EnergyMeter, NvmlEnergy, atomic_torch_save, summed_over_ranks, atomic_write_json, atomic_write_text, progress_enabled, provenance
-from dbp.model import build_mae, fixed_mask_noise, mask_noise, param_groups, step_macs
+from dbp.learner import Learner, setup_device
+from dbp.model import fixed_mask_noise, mask_noise, step_macs
 from dbp.probe import InputCorrelationProbe
 
 COLUMNS = ["step", "epoch", "images_seen", "train_seconds", "eval_seconds", "checkpoint_seconds",
            "train_loss", "val_loss", "energy_kwh", "co2_kg", "images_per_second", "lr",
            "decor_loss", "mean_abs_corr", "cpu_seconds", "cpu_util", "load_avg",
            "measured_kwh"]
-
-
-# ----------------------------------------------------------------------------- environment
-
-def _setup_device() -> tuple[torch.device, int, int]:
-    """(device, rank, world size); joins the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local), rank, world
-    return torch.device("cpu"), rank, world
-
-
-def _autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """bf16 where supported on CUDA (no loss scaling needed), fp16 on request, else none."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if device.type == "cuda" and amp == "auto" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
 
 
 def _seed_int(*keys: int) -> int:
@@ -79,12 +54,13 @@ def learning_rate(step: int, peak: float, warmup: int, total: int, floor: float)
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def micro_batches(data: TrainData, seed: int, start: int, batch: int, rank: int,
-                  world: int, workers: int, pin: bool) -> Iterator[tuple[int, torch.Tensor]]:
-    """Micro-batch number m and its images, from m = `start` on, forever.
+def micro_batches(data: TrainData, seed: int, start: int, batch: int, rank: int, world: int,
+                  workers: int, pin: bool, num_patches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The images and mask noise of micro-batch m = `start`, `start` + 1, ..., forever.
 
     Epoch e visits the subset in the order permutation(seed, e); every rank takes its slice
-    of each global batch. Position m fixes everything, so a resumed run continues exactly.
+    of each global batch; the masks come from (seed, m, rank). Position m fixes everything,
+    so a resumed run continues exactly.
     """
     per_epoch = len(data.train) // (batch * world)
     if per_epoch == 0:
@@ -100,7 +76,8 @@ def micro_batches(data: TrainData, seed: int, start: int, batch: int, rank: int,
         loader = DataLoader(data.train, batch_sampler=batches, num_workers=workers,
                             pin_memory=pin, persistent_workers=False)
         for imgs, _ in loader:
-            yield m, imgs
+            gen = torch.Generator().manual_seed(_seed_int(seed, m, rank))
+            yield imgs, mask_noise(imgs.shape[0], num_patches, gen)
             m += 1
 
 
@@ -207,20 +184,15 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
     out = Path(out)
     ckpt_path, final_path = out / "checkpoint.pt", out / "final.pt"
     run_json = out / "run.json"
-    device, rank, world = _setup_device()
+    device, rank, world = setup_device()
     lead = rank == 0
     if lead:
         out.mkdir(parents=True, exist_ok=True)
 
-    # ---- model: identical initial weights for every arm of a seed
-    torch.manual_seed(seed)
-    model = build_mae(cfg.model, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss)
-    eff_batch = cfg.batch_size * cfg.accum_steps * world
+    # ---- model, optimiser, DBP driver: identical initial weights for every arm of a seed
+    learner = Learner(cfg, dbp_cfg, seed, device, world)
+    model, eff_batch, peak_lr = learner.model, learner.effective_batch, learner.peak_lr
     cost = _step_cost(model, eff_batch, dbp_cfg)
-    driver = None
-    if dbp_cfg is not None:
-        mods = decorrelate(model, dbp_cfg.patterns(), seed=seed, **dbp_cfg.layer_options())
-        driver = DBP(mods, every=dbp_cfg.every)
 
     # ---- data: the seed's subset (manifest recorded beside the metrics), fixed validation set
     data = prepare_pretrain_data(
@@ -229,20 +201,7 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
         on_error=data_cfg.on_error, val_images=data_cfg.val_images,
         image_size=model.patch_embed.img_size[0],
         seed=seed, manifest=manifest, manifest_out=out / "train_manifest.txt" if lead else None)
-    model.to(device)
     probe = InputCorrelationProbe(model, probe_patterns, kappa=probe_kappa)
-    peak_lr = cfg.blr * eff_batch / 256
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr,
-                            betas=(0.9, cfg.beta2), fused=device.type == "cuda")
-    amp_dtype = _autocast_dtype(cfg.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    train_model = model
-    if world > 1:  # R stays identical across ranks by all-reduce: no buffer broadcast needed
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
 
     meter = EnergyMeter(enabled=energy_cfg.enabled and lead,
                         country_iso_code=energy_cfg.country_iso_code,
@@ -256,20 +215,16 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
     info = {**(run_info or {}), "arm": arm, "seed": seed, "status": "running", "config": resolved_config,
             "run_digest": digest, "manifest_hash": data.manifest_hash, "train_images": len(data.train),
             "val_images": len(data.val), "world_size": world, "effective_batch": eff_batch,
-            "peak_lr": peak_lr, "autocast": str(amp_dtype), "device": str(device), **cost}
+            "peak_lr": peak_lr, "autocast": str(learner.amp_dtype), "device": str(device), **cost}
 
     # ---- resume, only a run of this very config
     state = _matching_checkpoint(out, digest, device, lead)
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        learner.load_state_dict(state)
         clock.load_state_dict(state["clock"])
         meter.load_state_dict(state["energy"])
         if gpu is not None and state.get("gpu_energy"):
             gpu.load_state_dict(state["gpu_energy"])
-        if driver is not None:
-            driver.load_state_dict(state["dbp"])
         torch.set_rng_state(state["torch_rng"])
         step, rows = state["step"], state["rows"]
         resumed_from = state.get("resumed_from", []) + [step]
@@ -278,20 +233,20 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
             print(f"[pretrain] resuming {arm}/seed{seed} from step {step}", flush=True)
 
     def save_checkpoint() -> None:
-        state = {"step": step, "rows": rows, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                 "scaler": scaler.state_dict(), "clock": clock.state_dict(), "energy": meter.state_dict(),
-                 "gpu_energy": gpu.state_dict() if gpu else None, "dbp": driver.state_dict() if driver else None, "torch_rng": torch.get_rng_state(),
+        state = {"step": step, "rows": rows, **learner.state_dict(), "clock": clock.state_dict(),
+                 "energy": meter.state_dict(), "gpu_energy": gpu.state_dict() if gpu else None,
+                 "torch_rng": torch.get_rng_state(),
                  "resumed_from": resumed_from, "run_digest": digest}
         atomic_torch_save(state, ckpt_path)
 
     def record(train_loss: float, segment: dict[str, float]) -> dict:
-        ev = evaluate(model, data, device, amp_dtype, probe, cfg.batch_size)
+        ev = evaluate(model, data, device, learner.amp_dtype, probe, cfg.batch_size)
         energy = meter.totals()
         row = {"step": step, "epoch": step * eff_batch / len(data.train), "images_seen": step * eff_batch,
                "train_seconds": clock.train_seconds, "eval_seconds": clock.excluded_seconds.get("eval", 0.0),
                "checkpoint_seconds": clock.excluded_seconds.get("checkpoint", 0.0),
                "train_loss": train_loss, "val_loss": ev["val_loss"], "energy_kwh": energy["energy_kwh"],
-               "co2_kg": energy["co2_kg"], "lr": opt.param_groups[0]["lr"], "decor_loss": ev["decor_loss"],
+               "co2_kg": energy["co2_kg"], "lr": learner.opt.param_groups[0]["lr"], "decor_loss": ev["decor_loss"],
                "mean_abs_corr": ev["mean_abs_corr"], "cpu_seconds": clock.cpu_seconds, **segment,
                "measured_kwh": summed_over_ranks(gpu.kwh if gpu else math.nan, device)}
         rows.append(row)
@@ -308,7 +263,7 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
 
     # ---- train: timed segments between validation points
     stream = micro_batches(data, seed, step * cfg.accum_steps, cfg.batch_size, rank, world,
-                           data_cfg.num_workers, device.type == "cuda")
+                           data_cfg.num_workers, device.type == "cuda", model.num_patches)
     bar = _progress(cfg.steps, step, lead, f"{arm}/seed{seed}")
     status = "finished"
     while step < cfg.steps:
@@ -319,26 +274,8 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
         t0, cpu0 = clock.train_seconds, clock.cpu_seconds
         with clock.train():
             while step < seg_end:
-                for group in opt.param_groups:
-                    group["lr"] = learning_rate(step, peak_lr, cfg.warmup_steps, cfg.steps, cfg.min_lr)
-                for _ in range(cfg.accum_steps):
-                    m, imgs = next(stream)
-                    imgs = imgs.to(device, non_blocking=True)
-                    noise = mask_noise(imgs.shape[0], model.num_patches,
-                                       torch.Generator().manual_seed(_seed_int(seed, m, rank))).to(device)
-                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                        enabled=amp_dtype is not None):
-                        loss, _, _ = train_model(imgs, noise)
-                    scaler.scale(loss / cfg.accum_steps).backward()
-                    seg_loss += loss.detach().float() / cfg.accum_steps
-                if cfg.clip_grad is not None:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-                if driver is not None:
-                    driver.step()
+                learner.set_lr(learning_rate(step, peak_lr, cfg.warmup_steps, cfg.steps, cfg.min_lr))
+                seg_loss += learner.step([next(stream) for _ in range(cfg.accum_steps)])
                 step += 1
                 seg_steps += 1
                 bar.update(1)
@@ -361,8 +298,8 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
     bar.close()
 
     # ---- final outputs (rank 0)
-    if world > 1 and driver is not None:
-        info["r_identical_across_ranks"] = _r_identical_across_ranks(driver, world)
+    if world > 1 and learner.driver is not None:
+        info["r_identical_across_ranks"] = _r_identical_across_ranks(learner.driver, world)
     info.update(status=status, steps_done=step, train_seconds=clock.train_seconds,
                 cpu_seconds=clock.cpu_seconds, excluded_seconds=clock.excluded_seconds,
                 energy={**meter.totals(), "measured_kwh": rows[-1]["measured_kwh"],
