@@ -22,6 +22,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/tuning.smk"
+include: "workflow/rules/stepcost.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/report.smk"
 

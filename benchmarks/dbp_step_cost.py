@@ -1,13 +1,15 @@
-"""Training-step cost of DBP against plain BP, measured side by side in one process.
+"""Training-step cost of DBP variants against plain BP, measured side by side in one process.
 
-Every arm trains its own copy of the same MAE (same init, same batches, same masks); the
-arms take turns, a few steps each, for several rounds, so machine noise hits all of them
-alike. Prints each arm's median step time, its ratio to BP (median and [min, max] over
-rounds), the split into forward / backward / optimizer / R update, and the ratio the
-analytic MAC model predicts.
+Every arm trains its own copy of the same MAE (same init, same batches, same masks). The
+arms take turns of one step (one full cycle for the every-4 arm) in a shuffled order, round
+after round (`dbp.stepcost.interleave`, the same engine the study's `stepcost` job uses),
+so whatever else the machine does hits every arm alike. Prints per arm: median ms per step,
+the median over rounds of the per-round ratio to BP with its quartiles, the same ratio in
+process CPU time, disturbed rounds (another process on the cores), the split into forward /
+backward / optimizer / R update, and the ratio the analytic MAC model predicts.
 
-    python benchmarks/dbp_step_cost.py                  # the issue's configuration (~3 min, 2 cores)
-    python benchmarks/dbp_step_cost.py --rounds 2 --steps 1 --batch 32   # quick look
+    python benchmarks/dbp_step_cost.py            # bench preset, batch 128, 40 rounds (~4 min, slower 2-core box)
+    python benchmarks/dbp_step_cost.py --quick    # tiny preset, 4 rounds: a check that it runs
 """
 from __future__ import annotations
 
@@ -17,11 +19,14 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+import pandas as pd
 import torch
 
 from dbp import DBP, decorrelate
+from dbp.analysis import round_ratios
 from dbp.cost import dbp_extra_macs_parts
 from dbp.model import build_mae, mask_noise, matmul_macs
+from dbp.stepcost import interleave
 
 ENCODER = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 NO_FC2 = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1)"
@@ -95,11 +100,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="mae_vit_bench_patch4_32")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=5, help="round-robin rounds over the arms")
-    ap.add_argument("--steps", type=int, default=4, help="timed steps per arm per round")
+    ap.add_argument("--rounds", type=int, default=40, help="timed rounds (one turn per arm each)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--arms", nargs="*", default=[a.name for a in ARMS])
+    ap.add_argument("--quick", action="store_true", help="tiny preset, batch 16, 4 rounds")
+    ap.add_argument("--out", help="also write the per-turn records (CSV) here")
     args = ap.parse_args()
+    if args.quick:
+        args.preset, args.batch, args.rounds = "mae_vit_tiny_patch4_32", 16, 4
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -107,47 +115,42 @@ def main() -> None:
     torch.manual_seed(0)
     base = build_mae(args.preset).to(device)
     arms = [a for a in ARMS if a.name in args.arms]
-    runners = [Runner(a, base, lr=1e-3) for a in arms]
+    runners = {a.name: Runner(a, base, lr=1e-3) for a in arms}
     img, L = base.patch_embed.img_size, base.patch_embed.num_patches
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(args.batch, 3, *img, generator=gen).to(device),
-                mask_noise(args.batch, L, gen).to(device)) for _ in range(args.steps)]
+                mask_noise(args.batch, L, gen).to(device)) for _ in range(4)]
 
-    for r in runners:  # warm-up: allocator, MKL, first-call overheads
-        r.step(*batches[0], sync)
-        r.times = {k: [] for k in r.times}
-    ratios: dict[str, list[float]] = {a.name: [] for a in arms}
-    for rnd in range(args.rounds):
-        per_round = {}
-        for r in runners:
-            for imgs, noise in batches:
-                r.step(imgs, noise, sync)
-            per_round[r.arm.name] = statistics.median(r.times["step"][-args.steps:])
-        for name, t in per_round.items():
-            ratios[name].append(t / per_round["bp"])
-        print(f"round {rnd + 1}/{args.rounds}: bp {per_round['bp'] * 1e3:.0f} ms/step", flush=True)
+    def turn(r: Runner):
+        def go():
+            for i in range(r.arm.every):
+                r.step(*batches[(len(r.times["step"]) + i) % len(batches)], sync)
+        return go
+    rows = interleave({n: turn(r) for n, r in runners.items()}, args.rounds, warmup=2, seed=0,
+                      steps={n: r.arm.every for n, r in runners.items()},
+                      on_round=lambda i: print(f"round {i + 1}/{args.rounds}", end="\r", flush=True))
+    if args.out:
+        pd.DataFrame(rows).to_csv(args.out, index=False)
+    ratios = round_ratios(pd.DataFrame(rows)).set_index("arm")
 
-    visible = base.num_visible + 1  # + cls token
-    tokens = args.batch * visible
+    tokens = args.batch * (base.num_visible + 1)  # + cls token
     bp_macs = 3 * sum(matmul_macs(base, args.batch).values())
     print(f"\n{args.preset}, batch {args.batch}, {tokens} encoder tokens/step, {args.threads} threads, "
-          f"{device.type}; BP = {bp_macs / 1e9:.1f} GMAC/step (3 x forward)")
-    head = (f"{'arm':24s} {'ms/step':>8s} {'ratio':>6s} {'[min, max]':>14s} {'pred':>6s}"
+          f"{device.type}, {args.rounds} rounds ({int(ratios['disturbed'].iloc[0])} disturbed, left out); "
+          f"BP = {bp_macs / 1e9:.1f} GMAC/step (3 x forward)")
+    head = (f"{'arm':24s} {'ms/step':>8s} {'ratio':>6s} {'[q25, q75]':>14s} {'cpu':>6s} {'pred':>6s}"
             f" {'fwd':>6s} {'bwd':>6s} {'opt':>5s} {'upd':>5s}  extra GMAC fwd/bwd/stats/upd")
     print(head)
     print("-" * len(head))
-    summary = {}
-    for r in runners:
+    for name, r in runners.items():
         med = {k: statistics.median(v) * 1e3 for k, v in r.times.items()}
         extra = r.arm.macs_extra(r.decor_layers, tokens)
-        pred = 1 + sum(extra.values()) / bp_macs
-        rat = ratios[r.arm.name]
-        summary[r.arm.name] = statistics.median(rat)
-        print(f"{r.arm.name:24s} {med['step']:8.1f} {statistics.median(rat):6.3f} "
-              f"[{min(rat):5.3f}, {max(rat):5.3f}] {pred:6.3f} {med['fwd']:6.1f} {med['bwd']:6.1f}"
-              f" {med['opt']:5.1f} {med['update']:5.1f}  "
+        q = ratios.loc[name]
+        print(f"{name:24s} {1e3 * q['sec_per_step']:8.1f} {q['ratio']:6.3f} [{q['ratio_q25']:5.3f}, "
+              f"{q['ratio_q75']:5.3f}] {q['cpu_ratio']:6.3f} {1 + sum(extra.values()) / bp_macs:6.3f} "
+              f"{med['fwd']:6.1f} {med['bwd']:6.1f} {med['opt']:5.1f} {med['update']:5.1f}  "
               + "/".join(f"{v / 1e9:.2f}" for v in extra.values()))
-    _check_targets(summary)
+    _check_targets(ratios["ratio"].to_dict())
 
 
 def _check_targets(s: dict[str, float]) -> None:

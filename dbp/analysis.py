@@ -30,6 +30,8 @@ SHARED_UTIL = 0.75  # a segment using less than this share of its threads' CPU w
 # 2-core box, single runs' speed varies by up to ~15 % (seen in the default study), while a
 # process sharing the cores moves it by a factor of 2 to 3
 NOISE_TOLERANCE = 0.25
+STEPCOST = Path("stepcost") / "rounds.csv"  # the side-by-side step times (dbp.stepcost)
+DISTURBED = 1.5  # a step-cost turn this much slower than its arm's median disturbed its round
 SWEEP = "sweep."  # prefix of the flattened override columns, e.g. "sweep.pretrain.blr"
 METRICS = ["step", "train_seconds", "val_loss", "energy_kwh", "co2_kg", "images_per_second"]
 OPTIONAL = ["cpu_seconds", "cpu_util", "load_avg", "measured_kwh", "mean_abs_corr", "decor_loss",
@@ -273,16 +275,61 @@ def segments(curves: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
         [*RUN_KEYS, "step", "dsteps", "dwall", "dcpu", "sec_per_step", "util", "load_avg", "shared"]]
 
 
-def arm_step_seconds(seg: pd.DataFrame) -> pd.Series:
+def study_step_seconds(seg: pd.DataFrame) -> pd.Series:
     """Per arm: the median seconds per step over the unshared segments of its scored runs
-    (all segments where every one was shared). A busy machine for part of a study moves
-    a median over hundreds of segments very little."""
+    (all segments where every one was shared)."""
     s = seg[seg["role"] == "scored"]
     out = {}
     for arm, g in s.groupby("arm"):
         quiet = g[~g["shared"]]
         out[arm] = float((quiet if len(quiet) else g)["sec_per_step"].median())
     return pd.Series(out, dtype=float)
+
+
+def arm_step_seconds(seg: pd.DataFrame, cost: pd.DataFrame | None = None,
+                     baseline: str = BASELINE) -> pd.Series:
+    """Per arm: the seconds per step that turn steps into wall-clock. With the side-by-side
+    step cost (`round_ratios`): the baseline's study median x the arm's measured ratio, so
+    a machine that was slower while one arm's runs were timed cannot fake a speed-up.
+    Without it (or for arms it lacks): each arm's own study median."""
+    own = study_step_seconds(seg)
+    if cost is None or cost.empty or baseline not in own:
+        return own
+    ratio = cost.set_index("arm")["ratio"].reindex(own.index)
+    return (own[baseline] * ratio).fillna(own)
+
+
+def load_step_cost(results_dir: str | Path) -> pd.DataFrame:
+    """The interleaved step-cost records (one row per turn); empty if the study has none."""
+    path = Path(results_dir) / STEPCOST
+    return pd.read_csv(path) if path.is_file() else pd.DataFrame()
+
+
+def round_ratios(rounds: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
+    """Per arm, from the interleaved records: median seconds per step, and the median over
+    rounds of the round's step-time ratio to the baseline (quartiles beside it), wall and
+    CPU time. A round is disturbed when one of its turns shared its cores (CPU use below
+    SHARED_UTIL x threads) or took DISTURBED x its arm's median; the medians use the
+    undisturbed rounds (every round when fewer than half are undisturbed)."""
+    if rounds.empty or baseline not in set(rounds["arm"]):
+        return pd.DataFrame(columns=["arm", "sec_per_step", "ratio", "ratio_q25", "ratio_q75",
+                                     "cpu_ratio", "rounds", "disturbed"])
+    r = rounds.assign(sec=rounds["wall_seconds"] / rounds["steps"],
+                      cpu=rounds["cpu_seconds"] / rounds["steps"])
+    slow = r["sec"] > DISTURBED * r.groupby("arm")["sec"].transform("median")
+    shared = r["cpu_seconds"] < SHARED_UTIL * r["threads"] * r["wall_seconds"]
+    disturbed = (slow | shared).groupby(r["round"]).any()
+    keep = disturbed.index[~disturbed] if (~disturbed).sum() * 2 >= len(disturbed) else disturbed.index
+    wide = r[r["round"].isin(keep)].pivot(index="round", columns="arm", values=["sec", "cpu"])
+    rows = []
+    for arm in r["arm"].unique():
+        ratio = wide["sec"][arm] / wide["sec"][baseline]
+        rows.append({"arm": arm, "sec_per_step": float(wide["sec"][arm].median()),
+                     "ratio": float(ratio.median()), "ratio_q25": float(ratio.quantile(0.25)),
+                     "ratio_q75": float(ratio.quantile(0.75)),
+                     "cpu_ratio": float((wide["cpu"][arm] / wide["cpu"][baseline]).median()),
+                     "rounds": len(disturbed), "disturbed": int(disturbed.sum())})
+    return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------- time to target
@@ -420,11 +467,13 @@ def equal_time(bc: pd.DataFrame, arm: str, baseline: str = BASELINE) -> pd.DataF
 # ----------------------------------------------------------------------------- overhead
 
 def overhead(seg: pd.DataFrame, runs: pd.DataFrame, curves: pd.DataFrame,
-             baseline: str = BASELINE) -> pd.DataFrame:
-    """Per arm (scored runs): median seconds per step and its ratio to the baseline's,
-    per-seed paired ratios (min, max), images/s, CPU utilisation, shared segments, and
-    mean power = energy / training time (with whether energy was measured or modelled)."""
-    step_sec = arm_step_seconds(seg)
+             cost: pd.DataFrame | None = None, baseline: str = BASELINE) -> pd.DataFrame:
+    """Per arm (scored runs): the seconds per step the headline uses and its ratio to the
+    baseline's (side by side where measured, `cost` = round_ratios), the ratio of the study's
+    own medians with per-seed paired ratios (min, max), images/s, CPU utilisation, shared
+    segments, and mean power = energy / training time (measured or modelled)."""
+    step_sec, own = arm_step_seconds(seg, cost, baseline), study_step_seconds(seg)
+    side = (cost if cost is not None and len(cost) else round_ratios(pd.DataFrame())).set_index("arm")
     s = seg[seg["role"] == "scored"]
     per_seed = s[~s["shared"]].groupby(["arm", "seed"])["sec_per_step"].median().unstack(0)
     summary = run_summary(curves[curves["role"] == "scored"])
@@ -436,7 +485,11 @@ def overhead(seg: pd.DataFrame, runs: pd.DataFrame, curves: pd.DataFrame,
         energy = "measured_kwh" if kinds.get(arm) == "measured" else "energy_kwh"
         rows.append({"arm": arm, "n_runs": g[["run_id", "seed"]].drop_duplicates().shape[0],
                      "sec_per_step": step_sec[arm], "ratio": step_sec[arm] / step_sec.get(baseline, math.nan),
+                     "study_ratio": own[arm] / own.get(baseline, math.nan),
                      "ratio_min": ratio.min(), "ratio_max": ratio.max(),
+                     "side_q25": side["ratio_q25"].get(arm, math.nan),
+                     "side_q75": side["ratio_q75"].get(arm, math.nan),
+                     "cpu_ratio": side["cpu_ratio"].get(arm, math.nan),
                      "images_per_second": float(curves.loc[(curves["arm"] == arm) & (curves["role"] == "scored"),
                                                            "images_per_second"].median()),
                      "cpu_util": float(g["util"].median()), "n_shared": int(g["shared"].sum()),

@@ -5,6 +5,7 @@
     dbp pretrain --config C --arm dbp --seed 0 --out results/x/pretrain/dbp/seed0
     dbp export --pretrain-run R --out F.pth       # fused encoder of R/final.pt, for mmseg
     dbp finetune --config C --pretrained F.pth --seed S --out D   # UperNet; 'none' = scratch
+    dbp stepcost --config C --seed S --out F      # every arm's step time, side by side
     dbp select --config C --results R --out F     # per-arm tuning winners from the trials
     dbp summarize --results results/default       # tables: headline, per seed, overhead, ...
     dbp figures --results results/default         # figures into paper_figures/default/
@@ -76,6 +77,27 @@ def _cmd_pretrain(args) -> None:
     if info["status"] == "diverged":
         print(f"diverged at step {info.get('diverged_at_step')}; evidence in {args.out}",
               file=sys.stderr)
+
+
+def _cmd_stepcost(args) -> None:
+    import dbp._compat  # noqa: F401  (before timm)
+    from dbp.analysis import round_ratios
+    from dbp.measure import set_quiet_env
+    from dbp.records import atomic_write_text
+    from dbp.stepcost import COLUMNS, measure_arms
+    set_quiet_env()
+    cfg = load_config(args.config, args.overrides)
+    arms = {a: (cfg.pretrain_for(a), cfg.dbp_for(a)) for a in cfg.arms}
+    rows = measure_arms(arms, cfg.data, args.seed, args.manifest, cfg.stepcost.rounds,
+                        cfg.stepcost.warmup)
+    atomic_write_text(args.out, "\n".join([",".join(COLUMNS)] + [
+        ",".join(str(r[c]) for c in COLUMNS) for r in rows]) + "\n")
+    import pandas as pd
+    summary = round_ratios(pd.DataFrame(rows))
+    for r in summary.itertuples():
+        print(f"{r.arm:10s} {1e3 * r.sec_per_step:7.1f} ms/step  ratio to bp {r.ratio:.3f} "
+              f"[{r.ratio_q25:.3f}, {r.ratio_q75:.3f}]  cpu {r.cpu_ratio:.3f}  "
+              f"({r.disturbed} of {r.rounds} rounds disturbed)")
 
 
 def _tuned_values(path: Path, arm: str) -> dict:
@@ -198,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the run's role in a study (docs/protocol.md); adhoc runs are never scored")
     p.add_argument("--tuned", type=Path, help="selected.json from `dbp select`: this arm's winners")
     p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("stepcost", help="every arm's step time, interleaved side by side")
+    _config_args(p)
+    p.add_argument("--seed", type=int, required=True, help="initial weights and data order")
+    p.add_argument("--manifest", type=Path, help="train-subset manifest (default: sample by seed)")
+    p.add_argument("--out", type=Path, required=True, help="rounds.csv: one row per turn")
+    p.set_defaults(func=_cmd_stepcost)
 
     p = sub.add_parser("select", help="pick each arm's tuning winner (lowest final val loss)")
     _config_args(p)

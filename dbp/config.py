@@ -223,6 +223,19 @@ class BudgetsConfig:
 
 
 @dataclass(frozen=True)
+class StepCostConfig:
+    """The side-by-side step-time measurement (dbp stepcost) that turns steps into
+    wall-clock for the headline: `rounds` timed rounds, one turn per arm each, after
+    `warmup` untimed ones."""
+    rounds: int = 100
+    warmup: int = 3
+
+    def validate(self, key: str) -> None:
+        _require(self.rounds >= 3, f"{key}.rounds", f"must be >= 3, got {self.rounds}")
+        _require(self.warmup >= 0, f"{key}.warmup", f"must be >= 0, got {self.warmup}")
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """Exploratory pre-training runs (role "sweep", on the tuning seeds, never scored): the
     cartesian product of `grid` (e.g. dbp.decor_lr x dbp.kappa) for each arm in `arms`."""
@@ -264,6 +277,7 @@ class StudyConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     budgets: BudgetsConfig = field(default_factory=BudgetsConfig)
+    stepcost: StepCostConfig = field(default_factory=StepCostConfig)
     # per-arm pinned overrides of the pretrain section, e.g. {"dbp": {"blr": 8e-3}}
     arm_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     sweeps: dict[str, SweepConfig] = field(default_factory=dict)
@@ -272,7 +286,8 @@ class StudyConfig:
         for a in (*self.arms, *self.arm_overrides):
             _require(a in ARMS, "arms", f"unknown arm {a!r}; choose from {ARMS}")
         _require("bp" in self.arms, "arms", "needs bp: the baseline sets the target")
-        for sub in ("seeds", "data", "pretrain", "dbp", "energy", "finetune", "tuning", "budgets"):
+        for sub in ("seeds", "data", "pretrain", "dbp", "energy", "finetune", "tuning", "budgets",
+                    "stepcost"):
             getattr(self, sub).validate(sub)
         _require(not (self.tuning.enabled and not self.seeds.tuning), "seeds.tuning",
                  "needs at least one seed while tuning.enabled is true")

@@ -35,6 +35,7 @@ class Analysis:
     target: float
     n_target: int
     segments: pd.DataFrame
+    step_cost: pd.DataFrame     # side-by-side step-time ratios (empty: not measured)
     step_sec: pd.Series
     ttt: pd.DataFrame           # scored runs at every target (column relax)
     comparisons: pd.DataFrame   # each arm vs BP, every cost, strict target
@@ -77,7 +78,8 @@ def analyze(results_dir: str | Path, study: str, *, level: float = 0.95) -> Anal
     done = A.final(runs)
     target, n_target = A.target_loss(curves[curves["status"].isin(A.FINAL)])
     seg = A.segments(curves, runs)
-    step_sec = A.arm_step_seconds(seg)
+    cost = A.round_ratios(A.load_step_cost(results_dir))
+    step_sec = A.arm_step_seconds(seg, cost)
     ttt = pd.concat([A.time_to_target(curves, done, t, step_sec).assign(relax=r)
                      for r, t in A.relaxed_targets(target).items()], ignore_index=True)
     arms = ordered_arms(runs.loc[runs["role"] == "scored", "arm"])
@@ -86,9 +88,9 @@ def analyze(results_dir: str | Path, study: str, *, level: float = 0.95) -> Anal
     sel_path = Path(results_dir) / "tuning" / "selected.json"
     return Analysis(
         study=study, runs=runs, curves=curves, finetune=finetune, target=target, n_target=n_target,
-        segments=seg, step_sec=step_sec, ttt=ttt,
+        segments=seg, step_cost=cost, step_sec=step_sec, ttt=ttt,
         comparisons=A.comparisons(ttt[ttt["relax"] == 0], others, level=level),
-        noise=A.noise_check(ttt[ttt["relax"] == 0], step_sec), overhead=A.overhead(seg, runs, curves),
+        noise=A.noise_check(ttt[ttt["relax"] == 0], step_sec), overhead=A.overhead(seg, runs, curves, cost),
         budgets=bc, budget_ttt=pd.concat([A.budget_time_to_target(bc, t).assign(relax=r)
                                           for r, t in A.relaxed_targets(target).items()], ignore_index=True),
         tuning=A.tuning_table(runs, curves), sweep=A.tuning_table(runs, curves, role="sweep"),
@@ -242,12 +244,16 @@ def per_seed_table(a: Analysis) -> pd.DataFrame:
 def overhead_table(a: Analysis) -> pd.DataFrame:
     """Step time per arm and its ratio to BP (rule 6), throughput, contention, mean power."""
     o = a.overhead.assign(_o=a.overhead["arm"].map(a.arms.index)).sort_values("_o")
+    ratio = lambda r, lo, hi: f"{_num(r, '.3f')} [{_num(lo, '.3f')}, {_num(hi, '.3f')}]"  # noqa: E731
     return pd.DataFrame({
         "Arm": o["arm"], "Runs": o["n_runs"],
-        "Seconds per step (median)": o["sec_per_step"].map(lambda x: _num(x, ".4f")),
-        "Ratio vs BP [per-seed min, max]": [
-            f"{_num(r, '.3f')} [{_num(lo, '.3f')}, {_num(hi, '.3f')}]"
-            for r, lo, hi in o[["ratio", "ratio_min", "ratio_max"]].to_numpy()],
+        "Seconds per step (headline)": o["sec_per_step"].map(lambda x: _num(x, ".4f")),
+        "Side-by-side ratio vs BP [quartiles]": [
+            ratio(*x) if math.isfinite(x[1]) else "not measured"
+            for x in o[["ratio", "side_q25", "side_q75"]].to_numpy()],
+        "Side-by-side CPU-time ratio": o["cpu_ratio"].map(lambda x: _num(x, ".3f")),
+        "Study ratio vs BP [per-seed min, max]": [
+            ratio(*x) for x in o[["study_ratio", "ratio_min", "ratio_max"]].to_numpy()],
         "Images/s (median)": o["images_per_second"].map(lambda x: _num(x, ".1f")),
         "CPU use (cores, median)": o["cpu_util"].map(lambda x: _num(x, ".2f")),
         "Shared segments": [f"{s} of {n}" for s, n in o[["n_shared", "n_segments"]].to_numpy()],
@@ -332,6 +338,9 @@ def _flags(a: Analysis) -> str:
     if shared:
         out.append(f"{shared} of {int((a.segments['role'] == 'scored').sum())} scored training "
                    "segments shared their cores with another process.")
+    if not len(a.step_cost):
+        out.append("No side-by-side step cost: wall-clock uses each arm's own step times, so a "
+                   "machine slower while one arm's runs were timed moves the headline.")
     open_runs = A.unfinished(a.runs)
     if len(open_runs):
         out.append("Unfinished runs (not scored): " + ", ".join(
@@ -352,6 +361,15 @@ def _flags(a: Analysis) -> str:
         out.append(f"{len(a.seeds)} scored seeds: an exact paired test cannot reach p < 0.05 "
                    "below 6.")
     return " ".join(out)
+
+
+def _time_basis(a: Analysis) -> str:
+    """How steps become seconds in this study's headline."""
+    if len(a.step_cost):
+        r = a.step_cost.iloc[0]
+        return (f"BP's median seconds per step in the study x the arm's side-by-side step-time "
+                f"ratio ({r['rounds']} interleaved rounds, {r['disturbed']} disturbed and left out)")
+    return "the arm's median seconds per step over the unshared segments of its runs"
 
 
 def _edge_winners(a: Analysis) -> list[str]:
@@ -375,8 +393,8 @@ def _captions(a: Analysis) -> dict[str, tuple[str, str]]:
                      "t interval on the log ratios (range below 5 pairs); exact two-sided "
                      "sign-flip test over every seed (a miss counts as the most extreme value). "
                      "Primary: where each seed's budget curve (final loss of runs fully decayed at "
-                     "0.5x, 1x, 1.5x the base budget, time = steps x the arm's median seconds per "
-                     "step over unshared segments) reaches the target. First crossing: the first "
+                     "0.5x, 1x, 1.5x the base budget, time = steps x " + _time_basis(a) + ") reaches "
+                     "the target. First crossing: the first "
                      "validation point at or below the target inside the base-budget run. Energy: "
                      f"{a.energy_kind}" + (" (codecarbon's TDP x load estimate: a rescaled "
                      "clock, not comparable with the paper's 21.4 % CO2)" if a.energy_kind ==
@@ -384,10 +402,13 @@ def _captions(a: Analysis) -> dict[str, tuple[str, str]]:
         "per_seed": ("Every scored seed at the target", f"{common} Speed-up at the primary "
                      "wall-clock; shared segments = timed segments where another process used "
                      "the cores."),
-        "overhead": ("Step-time overhead and contention", f"{common} Median over unshared "
-                     "segments of seconds per step (identity = DBP layers with decor_lr = 0: "
-                     "DBP's overhead without its effect); CPU use = process CPU seconds per "
-                     "wall second; mean power = energy / training time."),
+        "overhead": ("Step-time overhead and contention", f"{common} Headline seconds per step = "
+                     f"{_time_basis(a)}. Side by side: the arms' steps interleaved in one process "
+                     "(median over rounds of the per-round ratio; quartiles). Study ratio: each "
+                     "arm's median over the unshared segments of its own runs, timed minutes "
+                     "apart (identity = DBP layers with decor_lr = 0: DBP's overhead without its "
+                     "effect); CPU use = process CPU seconds per wall second; mean power = "
+                     "energy / training time."),
         "relaxed": ("Relaxed targets", f"{common} DBP's primary speed-up at target x (1 + r)."),
         "tuning": ("Tuning trials", f"{common} Every arm's trials on the tuning seeds, fully "
                    "decayed base-budget schedules; the lowest mean final validation loss wins "

@@ -247,3 +247,38 @@ def test_miou_against_bp_and_scratch(study):
     assert m.loc[("dbp", "bp"), "mean"] == pytest.approx(np.mean([0.01, 0.015, 0.01]))
     assert m.loc[("dbp", "bp"), "interval"] == "range" and m.loc[("dbp", "bp"), "p_value"] == 0.25
     assert m.loc[("bp", "scratch"), "mean"] == pytest.approx(np.mean([0.20, 0.20, 0.23]))
+
+
+# ----------------------------------------------------------------------------- side-by-side step cost
+
+def _rounds(n=9, slow_round=None, shared_round=None) -> pd.DataFrame:
+    """Interleaved records: BP 100 ms, DBP 120 ms, identity 121 ms per step (2 steps a turn),
+    2 threads at full use; `slow_round`: another process tripled every turn of that round
+    but DBP's; `shared_round`: BP's turn used a quarter of its CPU there."""
+    rows = []
+    for r in range(n):
+        for arm, sec in (("bp", 0.1), ("dbp", 0.12), ("identity", 0.121)):
+            wall = 2 * sec * (3 if r == slow_round and arm != "dbp" else 1)
+            cpu = 2 * wall * (0.25 if r == shared_round and arm == "bp" else 1)
+            rows.append({"round": r, "position": 0, "arm": arm, "steps": 2, "wall_seconds": wall,
+                         "cpu_seconds": cpu, "threads": 2})
+    return pd.DataFrame(rows)
+
+
+def test_side_by_side_ratio_ignores_disturbed_rounds():
+    c = A.round_ratios(_rounds(slow_round=4, shared_round=7)).set_index("arm")
+    assert c.loc["dbp", "ratio"] == pytest.approx(1.2) and c.loc["identity", "ratio"] == pytest.approx(1.21)
+    assert c.loc["dbp", "sec_per_step"] == pytest.approx(0.12)
+    assert (c["rounds"] == 9).all() and (c["disturbed"] == 2).all()  # the slow one and the shared one
+    assert c.loc["dbp", "ratio_q25"] == pytest.approx(1.2) == c.loc["dbp", "ratio_q75"]
+
+
+def test_headline_step_time_is_bp_study_median_times_side_by_side_ratio(curves, runs):
+    seg = A.segments(curves, runs)
+    cost = A.round_ratios(_rounds())
+    sec = A.arm_step_seconds(seg, cost)  # the study's own medians say 1.25 for both
+    assert sec.to_dict() == pytest.approx({"bp": 1.0, "dbp": 1.2, "identity": 1.21})
+    o = A.overhead(seg, runs, curves, cost).set_index("arm")
+    assert o.loc["dbp", "ratio"] == pytest.approx(1.2) and o.loc["dbp", "study_ratio"] == pytest.approx(1.25)
+    assert A.arm_step_seconds(seg, A.round_ratios(pd.DataFrame())).to_dict() == pytest.approx(
+        {"bp": 1.0, "dbp": 1.25, "identity": 1.25})  # not measured: each arm's own median

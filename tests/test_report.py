@@ -74,6 +74,7 @@ def test_headline_numbers_and_flags(written, study):
     assert "identity/seed5 (running)" in text  # unfinished: listed, not scored
     assert "bp {'pretrain.blr': 0.02}" in text and "(from bp)" in text
     assert "not comparable with the paper's 21.4 % CO2" in text
+    assert "No side-by-side step cost" in text and "median seconds per step over the unshared" in text
 
 
 def test_per_seed_overhead_tuning_budget_rows(written, study):
@@ -83,7 +84,8 @@ def test_per_seed_overhead_tuning_budget_rows(written, study):
     assert per_seed["bp/1"][10] == "45.0 (interpolated)" and per_seed["dbp/0"][10] == "31.2 (at most)"
     assert "identity/5" not in per_seed
     overhead = _rows(study / "overhead.md")
-    assert overhead["dbp"][3].startswith("1.250") and overhead["bp"][6] == "1 of 38"
+    assert overhead["dbp"][3] == "not measured" and overhead["dbp"][5].startswith("1.250 [1.250, 1.250]")
+    assert overhead["bp"][8] == "1 of 38"
     tuning = _rows(study / "tuning.md")
     assert [r for r, row in tuning.items() if row[-1] == "yes"] == ["bp__blr=0.02", "dbp__blr=0.01"]
     assert tuning["dbp__blr=0.02"][4] == "∞"

@@ -40,7 +40,7 @@ def test_default_dry_run(tmp_path):
     # pretrain: BP on 6 scored + 5 target seeds, dbp and identity on 6, budget ladder 2 scales x
     # 2 arms x 6 seeds, tuning 3 LRs x 2 arms x 1 seed; manifests for all 12 seeds
     assert jobs == {"all": 1, "study_config": 1, "embedded_data": 1, "subset_manifest": 12,
-                    "pretrain": 11 + 6 + 6 + 24 + 6, "select": 1, "export": 6, "finetune": 9,
+                    "pretrain": 11 + 6 + 6 + 24 + 6, "select": 1, "stepcost": 1, "export": 6, "finetune": 9,
                     "summarize": 1, "figures": 1}
 
 
@@ -81,7 +81,7 @@ def test_paper_dry_run_with_fake_imagenet_and_ade20k(tmp_path):
                                      "finetune": {"root": str(tmp_path / "ade")}}))
     jobs = _dry_run_jobs(tmp_path, "--configfile", _config("paper.yaml"), str(paths))
     assert jobs == {"all": 1, "study_config": 1, "subset_manifest": 12, "pretrain": 11 + 6 + 6 + 24 + 6,
-                    "select": 1, "export": 6, "finetune": 9, "summarize": 1, "figures": 1}
+                    "select": 1, "stepcost": 1, "export": 6, "finetune": 9, "summarize": 1, "figures": 1}
 
 
 @pytest.mark.parametrize("override,message", [

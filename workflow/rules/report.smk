@@ -7,6 +7,7 @@ rule summarize:
         pretrain_outputs(),
         finetune_outputs(),
         [SELECTED] if SELECTED else [],
+        rules.stepcost.output,
     output:
         multiext(f"{RESULTS}/headline", ".md", ".tex"),
         multiext(f"{RESULTS}/per_seed", ".md", ".tex"),

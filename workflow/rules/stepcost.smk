@@ -1,0 +1,30 @@
+# The arms' step times measured side by side (dbp stepcost): the headline turns steps into
+# seconds with these ratios, so a machine that was slower while one arm's runs were timed
+# cannot fake a speed-up (docs/protocol.md, contention). One job, on the first scored seed's
+# data; it takes all the cores, like a training job.
+STEPCOST = "stepcost/rounds.csv"  # under results/<study>/, where dbp.analysis reads it
+
+
+rule stepcost:
+    input:
+        config=STUDY_CONFIG,
+        manifest=f"{RESULTS}/manifests/pretrain_seed{STUDY.seeds.scored[0]}.txt",
+    output:
+        f"{RESULTS}/{STEPCOST}",
+    params:
+        launch=lambda w, resources: launch(min(resources.gpu, 1)),
+        seed=STUDY.seeds.scored[0],
+    log:
+        f"{RESULTS}/logs/stepcost.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/stepcost.tsv"
+    threads: TRAIN_THREADS
+    resources:
+        gpu=GPUS_PER_JOB,
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        ENV
+    shell:
+        "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} {params.launch} stepcost --config {input.config} "
+        "--seed {params.seed} --manifest {input.manifest} --out {output} > {log} 2>&1"
