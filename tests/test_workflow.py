@@ -40,7 +40,7 @@ def test_default_dry_run(tmp_path):
     # pretrain: BP on 6 scored + 5 target seeds, dbp and identity on 6, budget ladder 2 scales x
     # 2 arms x 6 seeds, tuning 3 LRs x 2 arms x 1 seed; manifests for all 12 seeds
     assert jobs == {"all": 1, "study_config": 1, "embedded_data": 1, "subset_manifest": 12,
-                    "pretrain": 11 + 6 + 6 + 24 + 6, "select": 1, "stepcost": 1, "export": 6, "finetune": 9,
+                    "pretrain": 11 + 6 + 6 + 24 + 6, "select": 1, "stepcost": 1, "export": 4, "finetune": 6,
                     "summarize": 1, "figures": 1}
 
 
@@ -124,7 +124,7 @@ def test_gpus_per_job_come_from_resources_not_a_parse_time_probe(tmp_path, monke
     pretrain = re.findall(r"-m dbp gpus (\d+) -- dbp pretrain ", out)
     finetune = re.findall(r"-m dbp gpus (\d+) -- dbp finetune ", out)
     assert len(pretrain) == 53 and set(pretrain) == {"0"}  # the default: no probe
-    assert len(finetune) == 9 and set(finetune) == {"2"}   # what the resource says
+    assert len(finetune) == 6 and set(finetune) == {"2"}   # what the resource says
 
 
 def test_slurm_profile_gives_pretrain_and_finetune_gpus():
@@ -174,6 +174,9 @@ def test_smoke_study_runs_end_to_end_and_is_then_up_to_date(tmp_path):
     assert f"bp {{'pretrain.blr': {selected['bp']['values']['pretrain.blr']}}}" in headline
     assert "| Wall-clock to target, budget curve (primary) |" in headline
     assert "Only 1 target-setting runs (the protocol asks for 5)" in headline
+    rounds = (results / "stepcost" / "rounds.csv").read_text().splitlines()
+    assert len(rounds) == 1 + 2 * 10  # header + bp and dbp in each of smoke.yaml's 10 rounds
+    assert "side-by-side step-time ratio (10 interleaved rounds" in headline
     pngs = sorted(p.name for p in (tmp_path / "paper_figures" / "smoke").glob("*.png"))
     assert {"loss_vs_time.png", "loss_vs_steps.png", "budget_curves.png", "time_to_target.png"} <= set(pngs)
     again = _snakemake(tmp_path, "--configfile", _config("smoke.yaml"))
