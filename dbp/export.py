@@ -29,7 +29,8 @@ from torch import Tensor
 
 from dbp.config import DBPConfig
 from dbp.decorrelate import decorrelate, fuse
-from dbp.measure import atomic_torch_save, provenance
+from dbp.provenance import provenance
+from dbp.records import atomic_torch_save
 from dbp.model import PRESETS, MaskedAutoencoderViT, build_mae, encoder_state_dict
 
 FORMAT = "dbp-export-v1: mmseg MAE backbone keys, DBP fused"

@@ -28,7 +28,10 @@ from dbp import DBP
 from dbp._compat import UnsafeCheckpointError, safe_load
 from dbp.config import DataConfig, DBPConfig, EnergyConfig, PretrainConfig
 from dbp.data import TrainData, prepare_pretrain_data
-from dbp.measure import Clock, EnergyMeter, NvmlEnergy, atomic_torch_save, summed_over_ranks, atomic_write_json, atomic_write_text, progress_enabled, provenance
+from dbp.clock import Clock
+from dbp.energy import EnergyMeter, NvmlEnergy, summed_over_ranks
+from dbp.provenance import progress_enabled, provenance
+from dbp.records import atomic_torch_save, atomic_write_json, atomic_write_text
 from dbp.learner import Learner, setup_device
 from dbp.model import fixed_mask_noise, mask_noise, step_macs
 from dbp.probe import InputCorrelationProbe

@@ -66,3 +66,10 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Replace `path` with `obj` as indented JSON atomically (encoded fully before writing)."""
     text = json.dumps(obj, indent=2, default=_json_default) + "\n"
     atomic_write_text(path, text)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to `path` atomically: a crash mid-save never corrupts the last checkpoint
+    (torch is imported here, so this module stays torch-free for the results side)."""
+    import torch
+    atomic_write(path, "wb", lambda f: torch.save(obj, f))

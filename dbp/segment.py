@@ -5,7 +5,7 @@ encoder's PRESETS entry + Feature2Pyramid + UPerHead + auxiliary FCNHead) for an
 ADE20K-layout folder; `finetune` runs it through mmengine's Runner (train, IoU validation,
 checkpoints, resume) and writes metrics.json and run.json beside mmengine's own logs.
 
-What the training clock counts (dbp.measure.Clock, docs/protocol.md rule 3): from the first
+What the training clock counts (dbp.clock.Clock, docs/protocol.md rule 3): from the first
 training iteration of a process to the end of training, including data loading, the optimizer
 and LR scheduling; excluded are validation (paused by hooks), checkpoint writing, runner
 start-up and the data-loader fast-forward on resume. Energy is metered over exactly the counted time.
@@ -43,7 +43,10 @@ from mmseg.utils import register_all_modules
 from dbp.datasets import read_class_names
 from dbp.embedded import ADE, make_embedded
 from dbp.export import check_export, mae_backbone_cfg, read_export
-from dbp.measure import Clock, EnergyMeter, atomic_write_json, provenance
+from dbp.clock import Clock
+from dbp.energy import EnergyMeter
+from dbp.provenance import provenance
+from dbp.records import atomic_write_json
 from dbp.model import PRESETS
 from dbp.subset import list_ade_stems, manifest_hash, read_manifest, sample_subset, write_manifest
 

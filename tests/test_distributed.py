@@ -1,6 +1,5 @@
 """Two gloo processes: R stays identical on both ranks and equals the single-process R
 computed from both ranks' batches (statistics all-reduced, not rank 0's alone)."""
-import os
 import socket
 
 import pytest

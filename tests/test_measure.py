@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from dbp import measure
-from dbp.measure import (Clock, NvmlEnergy, summed_over_ranks, EnergyMeter, atomic_torch_save, atomic_write_json,
-                         atomic_write_text, git_state, progress_enabled, provenance,
-                         set_quiet_env)
+from dbp import clock as clock_module
+from dbp import records
+from dbp.clock import Clock
+from dbp.energy import EnergyMeter, NvmlEnergy, summed_over_ranks
+from dbp.provenance import git_state, progress_enabled, provenance, set_quiet_env
+from dbp.records import atomic_torch_save, atomic_write_json, atomic_write_text
 
 J_PER_KWH = 3.6e6
 
@@ -39,7 +41,7 @@ class FakeTime:
 @pytest.fixture
 def fake_time(monkeypatch):
     ft = FakeTime()
-    monkeypatch.setattr(measure.time, "perf_counter", ft)
+    monkeypatch.setattr(clock_module.time, "perf_counter", ft)
     return ft
 
 
@@ -131,7 +133,7 @@ def _fail_torch(p, monkeypatch):
 def _fail_text_at_fsync(p, monkeypatch):
     def broken_fsync(fd):
         raise OSError("disk full")
-    monkeypatch.setattr(measure.os, "fsync", broken_fsync)
+    monkeypatch.setattr(records.os, "fsync", broken_fsync)
     atomic_write_text(p, "new content")
 
 
@@ -195,7 +197,7 @@ def test_clock_state_round_trip_continues_totals(fake_time):
 
 def test_clock_charges_process_cpu_time_to_training_only(fake_time, monkeypatch):
     cpu = FakeTime()
-    monkeypatch.setattr(measure.time, "process_time", cpu)
+    monkeypatch.setattr(clock_module.time, "process_time", cpu)
     clock = Clock("cpu")
     cpu.advance(7)  # before any span: charged to nothing
     with clock.train():
@@ -222,7 +224,7 @@ def test_clock_charges_process_cpu_time_to_training_only(fake_time, monkeypatch)
 
 def test_clock_synchronises_the_device_before_every_read(monkeypatch):
     events = []
-    monkeypatch.setattr(measure.time, "perf_counter", lambda: events.append("read") or float(len(events)))
+    monkeypatch.setattr(clock_module.time, "perf_counter", lambda: events.append("read") or float(len(events)))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(f"sync {device}"))
     clock = Clock("cuda:1")
     with clock.train():
@@ -431,7 +433,7 @@ def test_git_state_outside_a_checkout(tmp_path):
 
 
 def test_provenance_imports_neither_timm_nor_mmseg():
-    code = ("import sys; from dbp.measure import provenance; v = provenance(); "
+    code = ("import sys; from dbp.provenance import provenance; v = provenance(); "
             "assert not {'timm', 'mmseg', 'codecarbon'} & set(sys.modules), sorted(sys.modules); "
             "assert v['timm'] != 'absent'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

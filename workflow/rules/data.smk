@@ -10,7 +10,7 @@ rule study_config:
     log:
         f"{RESULTS}/logs/study_config.log",
     run:
-        from dbp.measure import atomic_write_text
+        from dbp.records import atomic_write_text
 
         atomic_write_text(output[0], yaml.safe_dump(params.resolved, sort_keys=False))
 
