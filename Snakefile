@@ -8,6 +8,7 @@ from dbp.config import ConfigError, config_from_dict
 
 
 configfile: f"{workflow.basedir}/configs/default.yaml"
+report: "workflow/report/workflow.rst"
 
 
 validate(config, f"{workflow.basedir}/workflow/schemas/study.schema.yaml")  # types and key names

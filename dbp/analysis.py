@@ -37,9 +37,9 @@ METRICS = ["step", "train_seconds", "val_loss", "energy_kwh", "co2_kg", "images_
 OPTIONAL = ["cpu_seconds", "cpu_util", "load_avg", "measured_kwh", "mean_abs_corr", "decor_loss",
             "eval_seconds"]
 RUN_KEYS = ["run_id", "arm", "seed", "role", "status"]
-COSTS = {"seconds": "wall-clock (median step time)", "train_seconds": "wall-clock (measured)",
+COSTS = {"seconds": "wall-clock (steps x step time)", "train_seconds": "wall-clock (measured)",
          "cpu_seconds": "CPU time", "step": "steps", "flops": "FLOPs", "energy_kwh": "energy",
-         "sustained_seconds": "wall-clock, sustained crossing (median step time)"}
+         "sustained_seconds": "wall-clock, sustained crossing (steps x step time)"}
 FINETUNE_METRICS = ["mIoU", "mAcc", "aAcc", "iterations", "train_seconds", "energy_kwh", "co2_kg"]
 IOU = "iou."
 
@@ -337,7 +337,7 @@ def round_ratios(rounds: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame
 def time_to_target(curves: pd.DataFrame, runs: pd.DataFrame, target: float,
                    step_sec: pd.Series) -> pd.DataFrame:
     """Per final scored run: first and sustained crossing of `target` (rule 7), each as
-    steps, measured wall-clock, CPU time, wall-clock at the arm's median step time
+    steps, measured wall-clock, CPU time, wall-clock at the arm's step time (`arm_step_seconds`)
     (`seconds`), FLOPs and energy. Never reached: inf."""
     meta = runs.set_index(["run_id", "seed"])
     rows = []
@@ -413,7 +413,7 @@ def noise_check(ttt: pd.DataFrame, step_sec: pd.Series, control: str = "identity
 
 def budget_curves(runs: pd.DataFrame, curves: pd.DataFrame, step_sec: pd.Series) -> pd.DataFrame:
     """Per final scored run of every budget: its planned steps, final validation loss (a
-    fully decayed schedule) and training time, measured and at the arm's median step time."""
+    fully decayed schedule) and training time, measured and at the arm's step time."""
     s = run_summary(curves[curves["role"] == "scored"])
     s = s[s["status"].isin(FINAL)].merge(runs[["run_id", "seed", "planned_steps"]], on=["run_id", "seed"])
     return s.assign(seconds=s["planned_steps"] * s["arm"].map(step_sec),
@@ -435,7 +435,7 @@ def budget_speedup(btt: pd.DataFrame, arm: str, baseline: str = BASELINE, level:
 
 def budget_time_to_target(bc: pd.DataFrame, target: float) -> pd.DataFrame:
     """Per arm and seed with more than one budget: where its budget curve (final loss of
-    fully decayed runs against time at the median step time) reaches the target (rule 9)."""
+    fully decayed runs against steps x the arm's step time) reaches the target (rule 9)."""
     rows = []
     for (arm, seed), g in bc.groupby(["arm", "seed"], sort=True):
         if len(g) < 2:
@@ -447,7 +447,7 @@ def budget_time_to_target(bc: pd.DataFrame, target: float) -> pd.DataFrame:
 
 
 def equal_time(bc: pd.DataFrame, arm: str, baseline: str = BASELINE) -> pd.DataFrame:
-    """At each baseline budget (its time at the median step time): the baseline's final loss,
+    """At each baseline budget (its time at its step time): the baseline's final loss,
     and the arm's final loss at the same time read off the arm's budget curve (each arm's
     schedule decayed to its own budget; NaN outside the arm's budgets)."""
     rows = []

@@ -60,7 +60,7 @@ def _cmd_data_subset(args) -> None:
 
 def _cmd_pretrain(args) -> None:
     import dbp._compat  # noqa: F401  (before timm)
-    from dbp.measure import set_quiet_env
+    from dbp.provenance import set_quiet_env
     from dbp.pretrain import pretrain
     set_quiet_env()
     cfg = load_config(args.config, args.overrides)
@@ -82,14 +82,14 @@ def _cmd_pretrain(args) -> None:
 def _cmd_stepcost(args) -> None:
     import dbp._compat  # noqa: F401  (before timm)
     from dbp.analysis import round_ratios
-    from dbp.measure import set_quiet_env
+    from dbp.provenance import progress_enabled, set_quiet_env
     from dbp.records import atomic_write_text
     from dbp.stepcost import COLUMNS, measure_arms
     set_quiet_env()
     cfg = load_config(args.config, args.overrides)
     arms = {a: (cfg.pretrain_for(a), cfg.dbp_for(a)) for a in cfg.arms}
     rows = measure_arms(arms, cfg.data, args.seed, args.manifest, cfg.stepcost.rounds,
-                        cfg.stepcost.warmup)
+                        cfg.stepcost.warmup, progress=progress_enabled())
     atomic_write_text(args.out, "\n".join([",".join(COLUMNS)] + [
         ",".join(str(r[c]) for c in COLUMNS) for r in rows]) + "\n")
     import pandas as pd
@@ -114,7 +114,7 @@ def _tuned_values(path: Path, arm: str) -> dict:
 
 def _cmd_select(args) -> None:
     from dbp.analysis import select_tuned
-    from dbp.measure import atomic_write_json
+    from dbp.records import atomic_write_json
     cfg = load_config(args.config, args.overrides)
     try:
         chosen = select_tuned(args.results, cfg.tuned_arms(), list(cfg.tuning.grid),
@@ -141,7 +141,7 @@ def _cmd_export(args) -> None:
 
 def _cmd_finetune(args) -> None:
     from dbp.export import ExportError, check_checkpoint_file
-    from dbp.measure import set_quiet_env
+    from dbp.provenance import set_quiet_env
     from dbp.segment import ade_root, finetune
     set_quiet_env()
     cfg = load_config(args.config, args.overrides)
@@ -273,5 +273,6 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except ConfigError as e:
-        sys.exit(f"dbp {args.command}: config error: {e}")
+    except ConfigError as e:  # bad config, or an input file that fails its check
+        kind = "config error: " if type(e) is ConfigError else ""
+        sys.exit(f"dbp {args.command}: {kind}{e}")

@@ -106,11 +106,12 @@ def fig_budgets(a: Analysis) -> Made:
         return None
     fig, (ax,) = _new(a, "Budget curves: final loss of fully decayed runs",
                       "Each point a scored run decayed to its own budget (time = steps x the arm's "
-                      "median step time); one line per arm and seed.")
+                      "step time: BP's study median x the side-by-side ratio); one line per arm "
+                      "and seed.")
     for (arm, seed), g in bc.sort_values("seconds").groupby(["arm", "seed"]):
         ax.plot(g["seconds"], g["final_val_loss"], "o-", color=_color(arm), lw=1, ms=3, label=arm)
     ax.axhline(a.target, color="k", ls="--", lw=1, label=f"target {a.target:.4f}")
-    ax.set_xlabel("training time at the median step time (s)")
+    ax.set_xlabel("training time, steps x step time (s)")
     ax.set_ylabel("final validation loss")
     ax.grid(alpha=0.3)
     _legend(fig, ax)
@@ -155,7 +156,7 @@ def fig_time_to_target(a: Analysis) -> Made:
         return None
     fig, (ax,) = _new(a, "Training time to the target (budget curves)",
                       "Where each seed's budget curve (runs fully decayed at several budgets, time = "
-                      "steps x the arm's median step time) reaches the target; bar: geometric mean "
+                      "steps x the arm's step time) reaches the target; bar: geometric mean "
                       "of the seeds that reached it.")
     data = _seed_costs(ax, a, a.budget_strict, "seconds", 1.0, "time to target (s)")
     _legend(fig, ax)

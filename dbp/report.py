@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 
 from dbp import analysis as A
-from dbp import stats as S
 from dbp.records import atomic_write_text
 
 PAPER = {"seconds": "21.1 %", "mIoU": "+1.1"}
@@ -146,13 +145,13 @@ def _seeds(r) -> str:
 # ----------------------------------------------------------------------------- tables
 
 PRIMARY = "Wall-clock to target, budget curve (primary)"
-HEADLINE_ROWS = [("Wall-clock to target, first crossing (steps x median step time)", "seconds"),
+HEADLINE_ROWS = [("Wall-clock to target, first crossing (steps x step time)", "seconds"),
                  ("Wall-clock to target, first crossing (measured)", "train_seconds"),
                  ("CPU time to target, first crossing", "cpu_seconds"),
                  ("Steps to target, first crossing", "step"),
                  ("FLOPs to target, first crossing", "flops"),
                  ("Energy to target, first crossing", "energy_kwh"),
-                 ("Wall-clock to target, sustained crossing (median step time)", "sustained_seconds")]
+                 ("Wall-clock to target, sustained crossing (steps x step time)", "sustained_seconds")]
 
 
 def headline_table(a: Analysis, arm: str = "dbp") -> pd.DataFrame:
@@ -231,7 +230,7 @@ def per_seed_table(a: Analysis) -> pd.DataFrame:
         "Best val loss": t["best_val_loss"].map(lambda x: _num(x, ".4f")),
         "Step (first)": t["step"].map(lambda x: _num(x, ".0f")),
         "Step (sustained)": t["sustained_step"].map(lambda x: _num(x, ".0f")),
-        "Time, median step (s)": t["seconds"].map(lambda x: _num(x, ".1f")),
+        "Time, steps x step time (s)": t["seconds"].map(lambda x: _num(x, ".1f")),
         "Time, measured (s)": t["train_seconds"].map(lambda x: _num(x, ".1f")),
         "CPU time (s)": t["cpu_seconds"].map(lambda x: _num(x, ".1f")),
         "Speed-up vs BP": [_times(ratio[r.arm].get(r.seed, math.nan)) for r in t.itertuples()],
@@ -282,7 +281,7 @@ def budgets_display(a: Analysis, arm: str = "dbp") -> pd.DataFrame:
                           if (x, s) in b.index else "–")
     return pd.DataFrame({
         "Seed": e["seed"], "BP steps": e["baseline_steps"],
-        "Time (s, median step)": e["seconds"].map(lambda x: _num(x, ".1f")),
+        "Time (s, steps x step time)": e["seconds"].map(lambda x: _num(x, ".1f")),
         "BP final loss": e["baseline_loss"].map(lambda x: _num(x, ".4f")),
         f"{arm} loss at equal time": e["arm_loss"].map(lambda x: _num(x, ".4f")),
         "Difference": e["diff"].map(lambda x: _num(x, "+.4f")),
@@ -314,6 +313,16 @@ def to_markdown(df: pd.DataFrame, title: str, caption: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def to_html(df: pd.DataFrame, title: str, caption: str) -> str:
+    """A standalone HTML table under its title and caption (for `snakemake --report`)."""
+    import html
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            "<style>table{border-collapse:collapse;font:13px sans-serif}td,th{border:1px solid #ccc;"
+            "padding:3px 6px;text-align:left}p{font:13px sans-serif;max-width:70em}</style></head>\n"
+            f"<body><p><b>{html.escape(title)}.</b> {html.escape(caption)}</p>\n"
+            f"{df.to_html(index=False, border=0)}\n</body></html>\n")
+
+
 def to_latex(df: pd.DataFrame, title: str, caption: str, label: str) -> str:
     """A booktabs table environment (needs \\usepackage{booktabs})."""
     row = lambda xs: " & ".join(_latex_cell(x) for x in xs) + r" \\"  # noqa: E731
@@ -333,7 +342,7 @@ def _flags(a: Analysis) -> str:
     if len(noisy):
         out.append(f"NOISE FLAG: identity's measured ratio is off its step-time overhead by more than "
                    f"{A.NOISE_TOLERANCE:.0%} on seeds {noisy['seed'].tolist()}: measured wall-clock "
-                   "there is not trustworthy (the primary row uses median step times).")
+                   "there is not trustworthy (the primary row uses steps x step time).")
     shared = int(a.segments.loc[a.segments["role"] == "scored", "shared"].sum())
     if shared:
         out.append(f"{shared} of {int((a.segments['role'] == 'scored').sum())} scored training "
@@ -424,7 +433,7 @@ def _captions(a: Analysis) -> dict[str, tuple[str, str]]:
 
 def write_report(results_dir: str | Path, study_name: str, readme: str | Path | None = None,
                  **analyze_kwargs) -> list[Path]:
-    """Write the tables (.md and .tex) and tidy CSVs into `results_dir` (= results/<study>);
+    """Write the tables (.md, .tex, .html) and tidy CSVs into `results_dir` (= results/<study>);
     with `readme`, also replace its headline block by the headline table. Returns the paths."""
     out = Path(results_dir)
     a = analyze(out, study_name, **analyze_kwargs)
@@ -435,6 +444,7 @@ def write_report(results_dir: str | Path, study_name: str, readme: str | Path | 
     for name, (title, caption) in _captions(a).items():
         texts[f"{name}.md"] = to_markdown(tables[name], title, caption)
         texts[f"{name}.tex"] = to_latex(tables[name], title, caption, f"tab:{study_name}-{name}")
+        texts[f"{name}.html"] = to_html(tables[name], title, caption)
     for name, df in {"pretrain_runs": a.curves, "finetune_runs": a.finetune, "time_to_target": a.ttt,
                      "comparisons": a.comparisons, "segments": a.segments, "budget_runs": a.budgets}.items():
         texts[f"{name}.csv"] = df.to_csv(index=False)

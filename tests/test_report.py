@@ -59,7 +59,7 @@ def test_headline_numbers_and_flags(written, study):
     primary = rows["Wall-clock to target, budget curve (primary)"]
     assert primary[1] == "1.44x [1.44x, 1.44x] (range of 2 seeds)" and primary[3] == "21.1 %"
     assert primary[4] == "2 (both reached 2; missed: BP 0, arm 0)" and primary[5] == "p = 0.5 (sign-flip)"
-    first = rows["Wall-clock to target, first crossing (steps x median step time)"]
+    first = rows["Wall-clock to target, first crossing (steps x step time)"]
     g = (1.6 ** 4 * (40 / 37.5)) ** 0.2
     assert first[1].startswith(f"{g:.2f}x [") and "95 % t interval" in first[1]
     assert first[2] == f"{100 * (1 - 1 / g):.1f} %" and first[3] == "–"

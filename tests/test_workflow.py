@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -182,5 +183,12 @@ def test_smoke_study_runs_end_to_end_and_is_then_up_to_date(tmp_path):
     again = _snakemake(tmp_path, "--configfile", _config("smoke.yaml"))
     assert "Nothing to be done" in again.stdout + again.stderr
     before = (results / "headline.md").stat().st_mtime_ns
-    _snakemake(tmp_path, "report", "--configfile", _config("smoke.yaml"))
+    _snakemake(tmp_path, "tables", "--configfile", _config("smoke.yaml"))
     assert (results / "headline.md").stat().st_mtime_ns > before  # re-made from the results only
+    _snakemake(tmp_path, "--report", str(tmp_path / "report.zip"), "--configfile", _config("smoke.yaml"))
+    with zipfile.ZipFile(tmp_path / "report.zip") as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    tables = [n for n, b in files.items() if n.endswith("headline.html")]
+    assert len(tables) == 1 and b"Wall-clock to target, budget curve (primary)" in files[tables[0]]
+    assert {"budget_curves.png", "time_to_target.png"} <= {Path(n).name for n in files}
+    assert any(b"the side-by-side step-cost" in b for n, b in files.items() if n.endswith((".html", ".js")))

@@ -72,3 +72,20 @@ def finetune_outputs():
 def encoder_of(w):
     """The exported encoder a fine-tune starts from (none for scratch)."""
     return [] if w.arm == "scratch" else f"{RESULTS}/export/{w.arm}/seed{w.seed}/encoder.pth"
+
+
+REPORT_TABLES = {  # table -> report subcategory
+    "headline": "1 headline",
+    "per_seed": "2 every seed",
+    "overhead": "3 step cost and contention",
+    "budgets": "4 budget ladder",
+    "relaxed": "5 relaxed targets",
+    "tuning": "6 tuning",
+}
+
+
+def report_table(name):
+    """A table's HTML flagged for `snakemake --report`, under Results, with its caption."""
+    caption = "headline.rst" if name == "headline" else "tables.rst"
+    return report(f"{RESULTS}/{name}.html", caption=f"../report/{caption}",
+                  category="Results", subcategory=REPORT_TABLES[name])

@@ -1,6 +1,6 @@
-# Tables and figures from the runs. `report` re-makes both from whatever results exist
-# (no upstream jobs): snakemake --cores all report
-
+# Tables and figures from the runs, flagged for `snakemake --report report.html`.
+# `tables` re-makes both from whatever results exist (no upstream jobs):
+#   snakemake --cores all tables
 
 rule summarize:
     input:
@@ -15,6 +15,7 @@ rule summarize:
         multiext(f"{RESULTS}/tuning", ".md", ".tex"),
         multiext(f"{RESULTS}/budgets", ".md", ".tex"),
         f"{RESULTS}/time_to_target.csv",
+        *[report_table(name) for name in REPORT_TABLES],
     params:
         dbp=DBP,
         results=lambda w, output: Path(output[0]).parent,
@@ -31,7 +32,8 @@ rule figures:
     input:
         rules.summarize.output,
     output:
-        directory(f"paper_figures/{STUDY.name}"),
+        report(directory(f"paper_figures/{STUDY.name}"), patterns=["{figure}.png"],
+               caption="../report/figures.rst", category="Figures"),
     params:
         dbp=DBP,
         results=lambda w, input: Path(input[0]).parent,
@@ -44,13 +46,13 @@ rule figures:
         "{params.dbp} figures --results {params.results} --study {params.study} --out {output} > {log} 2>&1"
 
 
-rule report:
+rule tables:
     params:
         dbp=DBP,
         results=RESULTS,
         study=STUDY.name,
     log:
-        f"{RESULTS}/logs/report.log",
+        f"{RESULTS}/logs/tables.log",
     conda:
         ENV
     shell:
