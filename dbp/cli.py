@@ -276,3 +276,5 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:  # bad config, or an input file that fails its check
         kind = "config error: " if type(e) is ConfigError else ""
         sys.exit(f"dbp {args.command}: {kind}{e}")
+    except FileExistsError as e:  # an embedded-data root that holds another data set
+        sys.exit(f"dbp {args.command}: {e}")

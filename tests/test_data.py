@@ -101,6 +101,16 @@ def test_cache_hit_and_conflicts(tiny, tmp_path):
         embedded.make_embedded(tmp_path / "other", **TINY)
 
 
+def test_cli_on_a_root_holding_another_data_set_is_one_line(tiny):
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "dbp", "data", "make", "--root", str(tiny), "--seed", "1"],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"dbp data: {tiny} holds a different embedded dataset")
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
 def test_same_seed_same_arrays(tiny, tmp_path):
     digests = json.loads((tiny / "MANIFEST.json").read_text())["splits"]
     again = embedded.make_embedded(tmp_path / "a", seed=0, **TINY)
