@@ -8,7 +8,7 @@ the median over rounds of the per-round ratio to BP with its quartiles, the same
 process CPU time, disturbed rounds (another process on the cores), the split into forward /
 backward / optimizer / R update, and the ratio the analytic MAC model predicts.
 
-    python benchmarks/dbp_step_cost.py            # bench preset, batch 128, 40 rounds (~4 min, slower 2-core box)
+    python benchmarks/dbp_step_cost.py            # bench preset, batch 128, 40 rounds (5.3 min on the faster 2-core box)
     python benchmarks/dbp_step_cost.py --quick    # tiny preset, 4 rounds: a check that it runs
 """
 from __future__ import annotations

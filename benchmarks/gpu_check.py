@@ -32,7 +32,8 @@ from dbp.analysis import round_ratios
 from dbp.config import load_config
 from dbp.embedded import ADE, make_embedded
 from dbp.learner import Learner
-from dbp.model import mask_noise, step_macs
+from dbp.model import mask_noise
+from dbp.pretrain import step_cost
 from dbp.stepcost import interleave
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,10 +67,8 @@ def step_table(cfg, device, batch: int, rounds: int, compiled: bool) -> pd.DataF
         sync()
         first[name] = time.perf_counter() - t0
         peak[name] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-        d = settings[name]
-        bp, extra = step_macs(model, batch, d.patterns() if d else [], d.sample_frac if d else 0.1,
-                              d.every if d else 1, d.fused if d else True)
-        analytic[name] = 1 + extra / bp
+        cost = step_cost(model, batch, settings[name])
+        analytic[name] = 1 + cost["extra_macs_per_step"] / cost["macs_per_step"]
     rows = interleave({n: (lambda lr=lr: (lr.step(micro), sync())) for n, lr in learners.items()},
                       rounds, warmup=2)
     t = round_ratios(pd.DataFrame(rows))

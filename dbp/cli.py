@@ -81,6 +81,8 @@ def _cmd_pretrain(args) -> None:
 
 def _cmd_stepcost(args) -> None:
     import dbp._compat  # noqa: F401  (before timm)
+    import pandas as pd
+
     from dbp.analysis import round_ratios
     from dbp.provenance import progress_enabled, set_quiet_env
     from dbp.records import atomic_write_text
@@ -90,10 +92,9 @@ def _cmd_stepcost(args) -> None:
     arms = {a: (cfg.pretrain_for(a), cfg.dbp_for(a)) for a in cfg.arms}
     rows = measure_arms(arms, cfg.data, args.seed, args.manifest, cfg.stepcost.rounds,
                         cfg.stepcost.warmup, progress=progress_enabled())
-    atomic_write_text(args.out, "\n".join([",".join(COLUMNS)] + [
-        ",".join(str(r[c]) for c in COLUMNS) for r in rows]) + "\n")
-    import pandas as pd
-    summary = round_ratios(pd.DataFrame(rows))
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    atomic_write_text(args.out, table.to_csv(index=False))
+    summary = round_ratios(table)
     for r in summary.itertuples():
         print(f"{r.arm:10s} {1e3 * r.sec_per_step:7.1f} ms/step  ratio to bp {r.ratio:.3f} "
               f"[{r.ratio_q25:.3f}, {r.ratio_q75:.3f}]  cpu {r.cpu_ratio:.3f}  "

@@ -47,7 +47,7 @@ class Learner:
     weights; the DBP arms then swap their layers (R = identity at the start)."""
 
     def __init__(self, cfg: PretrainConfig, dbp_cfg: DBPConfig | None, seed: int,
-                 device: torch.device, world: int = 1, peak_lr: float | None = None):
+                 device: torch.device, world: int = 1):
         torch.manual_seed(seed)
         self.model: MaskedAutoencoderViT = build_mae(cfg.model, mask_ratio=cfg.mask_ratio,
                                                      norm_pix_loss=cfg.norm_pix_loss)
@@ -58,7 +58,7 @@ class Learner:
             self.driver = DBP(mods, every=dbp_cfg.every)
         self.model.to(device)
         self.device, self.accum_steps, self.clip_grad = device, cfg.accum_steps, cfg.clip_grad
-        self.peak_lr = cfg.blr * self.effective_batch / 256 if peak_lr is None else peak_lr
+        self.peak_lr = cfg.blr * self.effective_batch / 256
         self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=self.peak_lr,
                                      betas=(0.9, cfg.beta2), fused=device.type == "cuda")
         self.amp_dtype = autocast_dtype(cfg.amp, device)

@@ -30,11 +30,11 @@ from dbp.config import DataConfig, DBPConfig, EnergyConfig, PretrainConfig
 from dbp.data import TrainData, prepare_pretrain_data
 from dbp.clock import Clock
 from dbp.energy import EnergyMeter, NvmlEnergy, summed_over_ranks
-from dbp.provenance import progress_enabled, provenance
-from dbp.records import atomic_torch_save, atomic_write_json, atomic_write_text
 from dbp.learner import Learner, setup_device
 from dbp.model import fixed_mask_noise, mask_noise, step_macs
 from dbp.probe import InputCorrelationProbe
+from dbp.provenance import progress_enabled, provenance
+from dbp.records import atomic_torch_save, atomic_write_json, atomic_write_text
 
 COLUMNS = ["step", "epoch", "images_seen", "train_seconds", "eval_seconds", "checkpoint_seconds",
            "train_loss", "val_loss", "energy_kwh", "co2_kg", "images_per_second", "lr",
@@ -142,7 +142,7 @@ def _matching_checkpoint(out: Path, digest: str, device: torch.device, lead: boo
     return None
 
 
-def _step_cost(model, batch: int, dbp_cfg: DBPConfig | None) -> dict[str, float]:
+def step_cost(model, batch: int, dbp_cfg: DBPConfig | None) -> dict[str, float]:
     """run.json's cost model, so the results side never builds a model (rule 13): MACs of one
     BP step on the effective batch, and DBP's extra MACs (0 for BP; the identity control,
     eta = 0, still does the extra work)."""
@@ -195,7 +195,7 @@ def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
     # ---- model, optimiser, DBP driver: identical initial weights for every arm of a seed
     learner = Learner(cfg, dbp_cfg, seed, device, world)
     model, eff_batch, peak_lr = learner.model, learner.effective_batch, learner.peak_lr
-    cost = _step_cost(model, eff_batch, dbp_cfg)
+    cost = step_cost(model, eff_batch, dbp_cfg)
 
     # ---- data: the seed's subset (manifest recorded beside the metrics), fixed validation set
     data = prepare_pretrain_data(

@@ -6,6 +6,7 @@ comparison; `write_report` writes them all atomically. Reads records only: no to
 """
 from __future__ import annotations
 
+import html
 import json
 import math
 from collections.abc import Iterable
@@ -315,7 +316,6 @@ def to_markdown(df: pd.DataFrame, title: str, caption: str) -> str:
 
 def to_html(df: pd.DataFrame, title: str, caption: str) -> str:
     """A standalone HTML table under its title and caption (for `snakemake --report`)."""
-    import html
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             "<style>table{border-collapse:collapse;font:13px sans-serif}td,th{border:1px solid #ccc;"
             "padding:3px 6px;text-align:left}p{font:13px sans-serif;max-width:70em}</style></head>\n"

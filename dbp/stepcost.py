@@ -8,7 +8,7 @@ the arms' Learners take turns of one step each (one DBP cycle when `every` > 1) 
 shuffled order, round after round, on the same batches of the study's data, loader
 included. A round compares steps taken within a second of each other; the median over
 rounds ignores the rounds another process disturbed. The records carry wall and process
-CPU seconds per turn; `dbp.stats.round_ratios` summarises them (no torch needed).
+CPU seconds per turn; `dbp.analysis.round_ratios` summarises them (no torch needed).
 """
 from __future__ import annotations
 
