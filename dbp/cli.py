@@ -61,19 +61,15 @@ def _cmd_data_subset(args) -> None:
 def _cmd_pretrain(args) -> None:
     import dbp._compat  # noqa: F401  (before timm)
     from dbp.provenance import set_quiet_env
-    from dbp.pretrain import pretrain
+    from dbp.pretrain import RunSpec, pretrain
     set_quiet_env()
     cfg = load_config(args.config, args.overrides)
     sweep = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)}
     tuned = _tuned_values(args.tuned, args.arm) if args.tuned else {}
     cfg = with_tuned(cfg, args.arm, tuned)
-    info = pretrain(args.out, arm=args.arm, seed=args.seed, data_cfg=cfg.data,
-                    cfg=cfg.pretrain_for(args.arm), dbp_cfg=cfg.dbp_for(args.arm),
-                    probe_patterns=cfg.dbp.patterns(), probe_kappa=cfg.dbp.kappa,
-                    energy_cfg=cfg.energy, resolved_config=cfg.run_config(args.arm),
-                    manifest=args.manifest,
-                    run_info={"run_id": args.run_id or args.arm, "role": args.role,
-                              "sweep": sweep, "tuned": tuned})
+    info = pretrain(RunSpec.from_study(
+        cfg, args.arm, args.seed, args.out, args.manifest,
+        run_info={"run_id": args.run_id or args.arm, "role": args.role, "sweep": sweep, "tuned": tuned}))
     if info["status"] == "diverged":
         print(f"diverged at step {info.get('diverged_at_step')}; evidence in {args.out}",
               file=sys.stderr)

@@ -5,7 +5,7 @@ import re
 from collections.abc import Iterable, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from dbp.layers import DecorLinear, DecorMixin, DecorPatchEmbed
 
@@ -109,9 +109,10 @@ def decor_modules(model: nn.Module) -> list[DecorMixin]:
     return [m for m in model.modules() if isinstance(m, DecorMixin)]
 
 
-def update_all(modules: Iterable[DecorMixin]) -> list[Tensor | None]:
-    """One R step for every layer (call after optimizer.step()); returns their losses."""
-    return [m.update() for m in modules]
+def update_all(modules: Iterable[DecorMixin]) -> int:
+    """One R step for every layer (call after optimizer.step()); returns how many layers had
+    statistics to step from."""
+    return sum(m.update() for m in modules)
 
 
 class DBP:
@@ -145,9 +146,10 @@ class DBP:
 
     def metrics(self) -> dict[str, float]:
         """Mean decorrelation loss and mean |off-diagonal correlation| of the layer inputs
-        (z = R x) at the last update, over layers; NaN before the first update."""
-        losses = [m.last_decor_loss for m in self.modules if m.last_decor_loss is not None]
-        corrs = [m.last_mean_abs_corr for m in self.modules if m.last_mean_abs_corr is not None]
+        (z = R x) at the last update, over layers; NaN before the first update. Computed
+        here, on request: the updates themselves never form them."""
+        losses = [x for m in self.modules if (x := m.last_decor_loss) is not None]
+        corrs = [x for m in self.modules if (x := m.last_mean_abs_corr) is not None]
         mean = lambda ts: float(torch.stack(ts).mean()) if ts else float("nan")  # noqa: E731
         return {"decor_loss": mean(losses), "mean_abs_corr": mean(corrs)}
 

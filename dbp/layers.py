@@ -13,7 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dbp.rule import STABILIZERS, VARIANCE_TERMS, VARIANTS, decor_loss, decor_step, mean_abs_corr, second_moment
+from dbp.rule import (STABILIZERS, VARIANCE_TERMS, VARIANTS, decor_loss, decor_step, decor_step_rows,
+                      mean_abs_corr, second_moment)
 
 
 def patches(x: Tensor, kernel_size: tuple[int, int]) -> Tensor:
@@ -24,6 +25,10 @@ def patches(x: Tensor, kernel_size: tuple[int, int]) -> Tensor:
     hp, wp = h // kh, w // kw
     x = x[..., : hp * kh, : wp * kw].reshape(b, c, hp, kh, wp, kw)
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b, hp, wp, c * kh * kw)
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _no_autocast(device: torch.device):
@@ -66,12 +71,12 @@ class DecorMixin:
         self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
         self.register_buffer("R", torch.eye(d, dtype=torch.float32, device=device))
         self.collecting = True  # DBP turns this off on steps that are not followed by an update
-        self.last_decor_loss: Tensor | None = None
-        self.last_mean_abs_corr: Tensor | None = None
+        self._last: Tensor | tuple[Tensor, Tensor, float] | None = None  # the last update's statistics
         self.reset_stats()
 
     def reset_stats(self) -> None:
-        self._zz: Tensor | None = None
+        self._rows: list[Tensor] = []  # sampled z rows, while they are fewer than the features
+        self._zz: Tensor | None = None  # then their sums: sum z z^T, sum z
         self._z_sum: Tensor | None = None
         self._n = 0
 
@@ -88,49 +93,93 @@ class DecorMixin:
 
     @torch.no_grad()
     def _collect(self, rows: Tensor, decorrelated: bool = False) -> None:
-        """Add the statistics of z = R x over a subsample of `rows` (x, or z if `decorrelated`)."""
+        """Add z = R x over a subsample of `rows` (x, or z if `decorrelated`) to the statistics."""
         with _no_autocast(rows.device):
             dtype = torch.promote_types(rows.dtype, self.R.dtype)  # >= fp32 under AMP
             sub = self._sample(rows.detach()).to(dtype)
-            z = sub if decorrelated else sub @ self.R.T.to(dtype)
+            self._rows.append(sub if decorrelated else sub @ self.R.T.to(dtype))
+        self._n += self._rows[-1].shape[0]
+        if self._n * _world_size() >= self.R.shape[0]:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Rows into sums: once the rows (over all ranks) outnumber the d features, the d x d
+        form is the cheaper one to keep, to all-reduce and to update from."""
+        if not self._rows:
+            return
+        with _no_autocast(self.R.device):
+            z = torch.cat(self._rows)
             zz, z_sum = z.T @ z, z.sum(0)
-        if self._n == 0:
+        self._rows = []
+        if self._zz is None:
             self._zz, self._z_sum = zz, z_sum
         else:
             self._zz += zz
             self._z_sum += z_sum
-        self._n += z.shape[0]
 
-    def _pooled_stats(self) -> tuple[Tensor, Tensor, float]:
+    def _pooled_sums(self) -> tuple[Tensor, Tensor, float]:
+        self._fold()
         zz, z_sum, n = self._zz, self._z_sum, float(self._n)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _world_size() > 1:
             d = zz.shape[0]
             buf = torch.cat([zz.flatten(), z_sum, z_sum.new_tensor([n])])
             dist.all_reduce(buf)
             zz, z_sum, n = buf[: d * d].view(d, d), buf[d * d: d * d + d], float(buf[-1])
         return zz, z_sum, n
 
-    @torch.no_grad()
-    def update(self) -> Tensor | None:
-        """Apply one R step from the statistics gathered since the last update.
+    def _pooled_rows(self) -> Tensor:
+        z = torch.cat(self._rows)
+        if _world_size() > 1:  # every rank samples the same number of rows (equal batches)
+            parts = [torch.empty_like(z) for _ in range(_world_size())]
+            dist.all_gather(parts, z)
+            z = torch.cat(parts)
+        return z
 
-        Returns the decorrelation loss of those statistics (None if nothing was gathered).
-        Under torch.distributed the statistics are summed over ranks first, so every rank
-        applies the same step and R stays identical everywhere. The step is computed even
-        when decor_lr = 0, so that arm pays the full cost (the overhead-only control).
+    @torch.no_grad()
+    def update(self) -> bool:
+        """Apply one R step from the statistics gathered since the last update; returns
+        whether there were any.
+
+        Under torch.distributed the statistics of all ranks are pooled first (one collective
+        call), so every rank applies the same step and R stays identical everywhere. While
+        the rows are fewer than the features, the step is computed from the rows themselves
+        (`decor_step_rows`), else from their d x d sums; both give the same R. The step is
+        computed even when decor_lr = 0, so that arm pays the full cost (the overhead-only
+        control). The loss and correlation of these statistics are computed only when read.
         """
         if self._n == 0:
-            return None
-        zz, z_sum, n = self._pooled_stats()
-        self.reset_stats()
+            return False
+        opts = dict(decor_lr=self.decor_lr, kappa=self.kappa, variant=self.variant,
+                    variance_term=self.variance_term)
         with _no_autocast(self.R.device):
-            x = second_moment(zz, z_sum, n, self.center)
-            self.last_decor_loss = decor_loss(x, self.kappa)
-            self.last_mean_abs_corr = mean_abs_corr(zz, z_sum, n)
-            self.R.copy_(decor_step(self.R, x, decor_lr=self.decor_lr, kappa=self.kappa,
-                                    variant=self.variant, variance_term=self.variance_term,
-                                    stabilize=self.stabilize))
-        return self.last_decor_loss
+            if self._zz is None and self.stabilize == "none":
+                z = self._last = self._pooled_rows()
+                new = decor_step_rows(self.R, z, center=self.center, **opts)
+            else:
+                zz, z_sum, n = self._last = self._pooled_sums()
+                new = decor_step(self.R, second_moment(zz, z_sum, n, self.center),
+                                 stabilize=self.stabilize, **opts)
+            self.R.copy_(new)
+        self.reset_stats()
+        return True
+
+    def _last_sums(self) -> tuple[Tensor, Tensor, float] | None:
+        if isinstance(self._last, Tensor):
+            z = self._last
+            return z.T @ z, z.sum(0), float(z.shape[0])
+        return self._last
+
+    @property
+    def last_decor_loss(self) -> Tensor | None:
+        """The decorrelation loss of the statistics behind the last update (None before one)."""
+        sums = self._last_sums()
+        return None if sums is None else decor_loss(second_moment(*sums, self.center), self.kappa)
+
+    @property
+    def last_mean_abs_corr(self) -> Tensor | None:
+        """Mean |correlation| of z = R x over the statistics behind the last update."""
+        sums = self._last_sums()
+        return None if sums is None else mean_abs_corr(*sums)
 
     def _fused_matrix(self, w2d: Tensor) -> Tensor:
         """A = W R in at least R's fp32 precision, cast back to W's dtype (under AMP,

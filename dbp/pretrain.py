@@ -17,6 +17,7 @@ import json
 import math
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from dbp import DBP
 from dbp._compat import UnsafeCheckpointError, safe_load
-from dbp.config import DataConfig, DBPConfig, EnergyConfig, PretrainConfig
+from dbp.config import DataConfig, DBPConfig, EnergyConfig, PretrainConfig, StudyConfig
 from dbp.data import TrainData, prepare_pretrain_data
 from dbp.clock import Clock
 from dbp.energy import EnergyMeter, NvmlEnergy, summed_over_ranks
@@ -172,154 +173,192 @@ def _segment_stats(images: int, wall: float, cpu: float) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- the run
 
-def pretrain(out: str | Path, *, arm: str, seed: int, data_cfg: DataConfig,
-             cfg: PretrainConfig, dbp_cfg: DBPConfig | None, probe_patterns: list[str],
-             probe_kappa: float, energy_cfg: EnergyConfig, resolved_config: dict,
-             manifest: str | Path | None = None, run_info: dict | None = None,
-             stop_after: int | None = None) -> dict:
-    """Pre-train one arm for one seed into `out`; returns the final run.json content.
+@dataclass(frozen=True)
+class RunSpec:
+    """One pre-training run, resolved from the study config in one place (`from_study`):
+    what `pretrain()` needs, as plain values and config sections."""
+    out: Path
+    arm: str
+    seed: int
+    data: DataConfig
+    pretrain: PretrainConfig
+    dbp: DBPConfig | None                # None: plain BP
+    probe_patterns: tuple[str, ...]      # layers whose input correlation validation measures
+    probe_kappa: float
+    energy: EnergyConfig
+    resolved_config: dict                # recorded in run.json; its digest keys the checkpoint
+    manifest: Path | None = None         # the train subset (None: sampled from the data by seed)
+    run_info: dict = field(default_factory=dict)  # run id, role, tuned, sweep point: as given
 
-    `manifest` fixes the train subset (else it is sampled from the data by seed); `run_info`
-    (run id, role, tuned, sweep point) is recorded in run.json as given.
-    `stop_after` ends the work after that many steps as a kill would (no evaluation,
-    checkpoint or final outputs), for tests of resume.
+    @classmethod
+    def from_study(cls, cfg: StudyConfig, arm: str, seed: int, out: str | Path,
+                   manifest: str | Path | None = None, run_info: dict | None = None) -> RunSpec:
+        return cls(Path(out), arm, seed, cfg.data, cfg.pretrain_for(arm), cfg.dbp_for(arm),
+                   tuple(cfg.dbp.patterns()), cfg.dbp.kappa, cfg.energy, cfg.run_config(arm),
+                   Path(manifest) if manifest else None, run_info or {})
+
+
+class RunState:
+    """Everything a checkpoint holds, saved and loaded symmetrically: the learner (model,
+    optimiser, scaler, DBP), the clock and energy meters, the global RNG, the step and the
+    metric rows so far."""
+
+    def __init__(self, learner: Learner, clock: Clock, meter: EnergyMeter, gpu: NvmlEnergy | None):
+        self.learner, self.clock, self.meter, self.gpu = learner, clock, meter, gpu
+        self.step, self.rows, self.resumed_from = 0, [], []
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "rows": self.rows, "resumed_from": self.resumed_from,
+                **self.learner.state_dict(), "clock": self.clock.state_dict(),
+                "energy": self.meter.state_dict(), "gpu_energy": self.gpu.state_dict() if self.gpu else None,
+                "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.learner.load_state_dict(state)
+        self.clock.load_state_dict(state["clock"])
+        self.meter.load_state_dict(state["energy"])
+        if self.gpu is not None and state.get("gpu_energy"):
+            self.gpu.load_state_dict(state["gpu_energy"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.rows = state["step"], state["rows"]
+        self.resumed_from = state.get("resumed_from", []) + [self.step]
+
+    def row(self, train_loss: float, ev: dict[str, float], segment: dict[str, float],
+            train_images: int) -> dict:
+        """The metrics.csv row of the current step (COLUMNS)."""
+        clock, batch, energy = self.clock, self.learner.effective_batch, self.meter.totals()
+        return {"step": self.step, "epoch": self.step * batch / train_images,
+                "images_seen": self.step * batch, "train_seconds": clock.train_seconds,
+                "eval_seconds": clock.excluded_seconds.get("eval", 0.0),
+                "checkpoint_seconds": clock.excluded_seconds.get("checkpoint", 0.0),
+                "train_loss": train_loss, "val_loss": ev["val_loss"],
+                "energy_kwh": energy["energy_kwh"], "co2_kg": energy["co2_kg"],
+                "lr": self.learner.opt.param_groups[0]["lr"], "decor_loss": ev["decor_loss"],
+                "mean_abs_corr": ev["mean_abs_corr"], "cpu_seconds": clock.cpu_seconds, **segment,
+                "measured_kwh": summed_over_ranks(self.gpu.kwh if self.gpu else math.nan,
+                                                  self.learner.device)}
+
+
+def pretrain(spec: RunSpec) -> dict:
+    """Pre-train one arm for one seed into `spec.out`; returns the final run.json content.
+
+    Timed training segments alternate with validation, which the clock excludes, on the
+    `eval_every` schedule every arm shares; a checkpoint follows every `checkpoint_every`
+    steps and the last one. Killed at any point, the same call resumes from the checkpoint.
     """
-    out = Path(out)
-    ckpt_path, final_path = out / "checkpoint.pt", out / "final.pt"
-    run_json = out / "run.json"
+    out, cfg = spec.out, spec.pretrain
     device, rank, world = setup_device()
     lead = rank == 0
     if lead:
         out.mkdir(parents=True, exist_ok=True)
-
-    # ---- model, optimiser, DBP driver: identical initial weights for every arm of a seed
-    learner = Learner(cfg, dbp_cfg, seed, device, world)
-    model, eff_batch, peak_lr = learner.model, learner.effective_batch, learner.peak_lr
-    cost = step_cost(model, eff_batch, dbp_cfg)
-
-    # ---- data: the seed's subset (manifest recorded beside the metrics), fixed validation set
-    data = prepare_pretrain_data(
-        kind=data_cfg.kind, root=data_cfg.root, embedded_seed=data_cfg.embedded_seed,
-        fraction=data_cfg.fraction, class_balanced=data_cfg.class_balanced,
-        on_error=data_cfg.on_error, val_images=data_cfg.val_images,
-        image_size=model.patch_embed.img_size[0],
-        seed=seed, manifest=manifest, manifest_out=out / "train_manifest.txt" if lead else None)
-    probe = InputCorrelationProbe(model, probe_patterns, kappa=probe_kappa)
-
-    meter = EnergyMeter(enabled=energy_cfg.enabled and lead,
-                        country_iso_code=energy_cfg.country_iso_code,
-                        measure_power_secs=energy_cfg.measure_power_secs,
-                        fallback_watts=energy_cfg.fallback_watts, output_dir=out)
-    gpu = NvmlEnergy.for_device(device) if energy_cfg.enabled else None  # measured, per rank
-    clock = Clock(device, meter=[meter, gpu])  # energy is metered exactly while the train clock runs
-    rows: list[dict] = []
-    step, resumed_from = 0, []
-    digest = run_digest(resolved_config, arm, seed, data.manifest_hash, world)
-    info = {**(run_info or {}), "arm": arm, "seed": seed, "status": "running", "config": resolved_config,
-            "run_digest": digest, "manifest_hash": data.manifest_hash, "train_images": len(data.train),
-            "val_images": len(data.val), "world_size": world, "effective_batch": eff_batch,
-            "peak_lr": peak_lr, "autocast": str(learner.amp_dtype), "device": str(device), **cost}
-
-    # ---- resume, only a run of this very config
-    state = _matching_checkpoint(out, digest, device, lead)
-    if state is not None:
-        learner.load_state_dict(state)
-        clock.load_state_dict(state["clock"])
-        meter.load_state_dict(state["energy"])
-        if gpu is not None and state.get("gpu_energy"):
-            gpu.load_state_dict(state["gpu_energy"])
-        torch.set_rng_state(state["torch_rng"])
-        step, rows = state["step"], state["rows"]
-        resumed_from = state.get("resumed_from", []) + [step]
-        info["resumed_from"] = resumed_from
-        if lead:
-            print(f"[pretrain] resuming {arm}/seed{seed} from step {step}", flush=True)
-
-    def save_checkpoint() -> None:
-        state = {"step": step, "rows": rows, **learner.state_dict(), "clock": clock.state_dict(),
-                 "energy": meter.state_dict(), "gpu_energy": gpu.state_dict() if gpu else None,
-                 "torch_rng": torch.get_rng_state(),
-                 "resumed_from": resumed_from, "run_digest": digest}
-        atomic_torch_save(state, ckpt_path)
-
-    def record(train_loss: float, segment: dict[str, float]) -> dict:
-        ev = evaluate(model, data, device, learner.amp_dtype, probe, cfg.batch_size)
-        energy = meter.totals()
-        row = {"step": step, "epoch": step * eff_batch / len(data.train), "images_seen": step * eff_batch,
-               "train_seconds": clock.train_seconds, "eval_seconds": clock.excluded_seconds.get("eval", 0.0),
-               "checkpoint_seconds": clock.excluded_seconds.get("checkpoint", 0.0),
-               "train_loss": train_loss, "val_loss": ev["val_loss"], "energy_kwh": energy["energy_kwh"],
-               "co2_kg": energy["co2_kg"], "lr": learner.opt.param_groups[0]["lr"], "decor_loss": ev["decor_loss"],
-               "mean_abs_corr": ev["mean_abs_corr"], "cpu_seconds": clock.cpu_seconds, **segment,
-               "measured_kwh": summed_over_ranks(gpu.kwh if gpu else math.nan, device)}
-        rows.append(row)
-        if lead:
-            atomic_write_text(out / "metrics.csv", _csv(rows))
-        return row
-
+    learner = Learner(cfg, spec.dbp, spec.seed, device, world)  # same init for every arm of a seed
+    model, batch = learner.model, learner.effective_batch
+    data = _data(spec, model.patch_embed.img_size[0], out / "train_manifest.txt" if lead else None)
+    probe = InputCorrelationProbe(model, list(spec.probe_patterns), kappa=spec.probe_kappa)
+    meter = EnergyMeter(enabled=spec.energy.enabled and lead, country_iso_code=spec.energy.country_iso_code,
+                        measure_power_secs=spec.energy.measure_power_secs,
+                        fallback_watts=spec.energy.fallback_watts, output_dir=out)
+    gpu = NvmlEnergy.for_device(device) if spec.energy.enabled else None  # measured, per rank
+    clock = Clock(device, meter=[meter, gpu])  # energy is metered exactly while the clock runs
+    run = RunState(learner, clock, meter, gpu)
+    digest = run_digest(spec.resolved_config, spec.arm, spec.seed, data.manifest_hash, world)
+    info = _run_info(spec, learner, data, digest, world, device)
+    if (state := _matching_checkpoint(out, digest, device, lead)) is not None:
+        run.load_state_dict(state)
+        info["resumed_from"] = run.resumed_from
+        _say(lead, f"resuming {spec.arm}/seed{spec.seed} from step {run.step}")
     if lead:
         info["provenance"] = provenance()
-        atomic_write_json(run_json, info)
-    if not rows:  # step 0: the untrained model, before the clock starts
-        with clock.excluded("eval"):
-            record(float("nan"), _segment_stats(0, 0.0, 0.0))
+        atomic_write_json(out / "run.json", info)
 
-    # ---- train: timed segments between validation points
-    stream = micro_batches(data, seed, step * cfg.accum_steps, cfg.batch_size, rank, world,
-                           data_cfg.num_workers, device.type == "cuda", model.num_patches)
-    bar = _progress(cfg.steps, step, lead, f"{arm}/seed{seed}")
+    def record(train_loss: float, segment: dict[str, float]) -> dict:
+        with clock.excluded("eval"):
+            ev = evaluate(model, data, device, learner.amp_dtype, probe, cfg.batch_size)
+            run.rows.append(run.row(train_loss, ev, segment, len(data.train)))
+            if lead:
+                atomic_write_text(out / "metrics.csv", _csv(run.rows))
+        return run.rows[-1]
+
+    if not run.rows:  # step 0: the untrained model, before the clock starts
+        record(math.nan, _segment_stats(0, 0.0, 0.0))
+    stream = micro_batches(data, spec.seed, run.step * cfg.accum_steps, cfg.batch_size, rank, world,
+                           spec.data.num_workers, device.type == "cuda", model.num_patches)
+    bar = _progress(cfg.steps, run.step, lead, f"{spec.arm}/seed{spec.seed}")
     status = "finished"
-    while step < cfg.steps:
-        seg_end = min(cfg.steps, (step // cfg.eval_every + 1) * cfg.eval_every)
-        if stop_after is not None:
-            seg_end = min(seg_end, stop_after)
-        seg_loss, seg_steps = torch.zeros((), device=device), 0
+    while run.step < cfg.steps:
+        seg_end = min(cfg.steps, (run.step // cfg.eval_every + 1) * cfg.eval_every)
+        seg_loss, seg_steps = torch.zeros((), device=device), seg_end - run.step
         t0, cpu0 = clock.train_seconds, clock.cpu_seconds
         with clock.train():
-            while step < seg_end:
-                learner.set_lr(learning_rate(step, peak_lr, cfg.warmup_steps, cfg.steps, cfg.min_lr))
+            for _ in range(seg_steps):
+                learner.set_lr(learning_rate(run.step, learner.peak_lr, cfg.warmup_steps, cfg.steps, cfg.min_lr))
                 seg_loss += learner.step([next(stream) for _ in range(cfg.accum_steps)])
-                step += 1
-                seg_steps += 1
+                run.step += 1
                 bar.update(1)
-        segment = _segment_stats(seg_steps * eff_batch, clock.train_seconds - t0,
-                                 clock.cpu_seconds - cpu0)
-        if stop_after is not None and step >= stop_after and step < cfg.steps:
-            bar.close()
-            return info  # as if killed here: no eval, no checkpoint, no final outputs
         train_loss = float(seg_loss) / seg_steps
-        with clock.excluded("eval"):
-            row = record(train_loss, segment)
+        row = record(train_loss, _segment_stats(seg_steps * batch, clock.train_seconds - t0,
+                                                clock.cpu_seconds - cpu0))
         bar.set_postfix(loss=f"{row['val_loss']:.4f}", img_s=f"{row['images_per_second']:.0f}")
         if not (math.isfinite(train_loss) and math.isfinite(row["val_loss"])):
-            status = "diverged"
-            info["diverged_at_step"] = step
+            status, info["diverged_at_step"] = "diverged", run.step
             break
-        if lead and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+        if lead and (run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps):
             with clock.excluded("checkpoint"):
-                save_checkpoint()
+                atomic_torch_save({**run.state_dict(), "run_digest": digest}, out / "checkpoint.pt")
     bar.close()
 
-    # ---- final outputs (rank 0)
+    # ---- final outputs (rank 0), re-written also by a run resumed at its last step
     if world > 1 and learner.driver is not None:
         info["r_identical_across_ranks"] = _r_identical_across_ranks(learner.driver, world)
-    info.update(status=status, steps_done=step, train_seconds=clock.train_seconds,
+    info.update(status=status, steps_done=run.step, train_seconds=clock.train_seconds,
                 cpu_seconds=clock.cpu_seconds, excluded_seconds=clock.excluded_seconds,
-                energy={**meter.totals(), "measured_kwh": rows[-1]["measured_kwh"],
+                energy={**meter.totals(), "measured_kwh": run.rows[-1]["measured_kwh"],
                         "measured_method": f"{gpu.name}, summed over {world} rank(s)" if gpu else None},
                 skipped_images=data.train.skipped)
     if lead:
         if status == "finished":
-            atomic_torch_save({"model_name": cfg.model, "model_kwargs": {"mask_ratio": cfg.mask_ratio,
-                               "norm_pix_loss": cfg.norm_pix_loss},
-                               "dbp": dataclasses.asdict(dbp_cfg) if dbp_cfg else None,
-                               "state_dict": model.state_dict(), "arm": arm, "seed": seed,
-                               "step": step, "run_digest": digest}, final_path)
-        atomic_write_text(out / "metrics.csv", _csv(rows))  # also when resumed at the last step
-        atomic_write_json(run_json, info)
-        print(f"[pretrain] {arm}/seed{seed}: {status} at step {step}, val_loss "
-              f"{rows[-1]['val_loss']:.4f}, train {clock.train_seconds:.1f}s", flush=True)
+            atomic_torch_save(_final(spec, learner, run.step, digest), out / "final.pt")
+        atomic_write_text(out / "metrics.csv", _csv(run.rows))
+        atomic_write_json(out / "run.json", info)
+    _say(lead, f"{spec.arm}/seed{spec.seed}: {status} at step {run.step}, val_loss "
+               f"{run.rows[-1]['val_loss']:.4f}, train {clock.train_seconds:.1f}s")
     return info
+
+
+def _data(spec: RunSpec, image_size: int, manifest_out: Path | None) -> TrainData:
+    """The seed's train subset (its manifest recorded beside the metrics) and the fixed
+    validation images."""
+    d = spec.data
+    return prepare_pretrain_data(
+        kind=d.kind, root=d.root, embedded_seed=d.embedded_seed, fraction=d.fraction,
+        class_balanced=d.class_balanced, on_error=d.on_error, val_images=d.val_images,
+        image_size=image_size, seed=spec.seed, manifest=spec.manifest, manifest_out=manifest_out)
+
+
+def _run_info(spec: RunSpec, learner: Learner, data: TrainData, digest: str, world: int,
+              device: torch.device) -> dict:
+    """run.json's description of the run (the final state is added when it ends)."""
+    return {**spec.run_info, "arm": spec.arm, "seed": spec.seed, "status": "running",
+            "config": spec.resolved_config, "run_digest": digest, "manifest_hash": data.manifest_hash,
+            "train_images": len(data.train), "val_images": len(data.val), "world_size": world,
+            "effective_batch": learner.effective_batch, "peak_lr": learner.peak_lr,
+            "autocast": str(learner.amp_dtype), "device": str(device),
+            **step_cost(learner.model, learner.effective_batch, spec.dbp)}
+
+
+def _final(spec: RunSpec, learner: Learner, step: int, digest: str) -> dict:
+    """final.pt: the trained MAE and what `dbp export` needs to rebuild it (plain types)."""
+    cfg = spec.pretrain
+    return {"model_name": cfg.model, "model_kwargs": {"mask_ratio": cfg.mask_ratio,
+                                                      "norm_pix_loss": cfg.norm_pix_loss},
+            "dbp": dataclasses.asdict(spec.dbp) if spec.dbp else None,
+            "state_dict": learner.model.state_dict(), "arm": spec.arm, "seed": spec.seed,
+            "step": step, "run_digest": digest}
+
+
+def _say(lead: bool, text: str) -> None:
+    if lead:
+        print(f"[pretrain] {text}", flush=True)
 
 
 def _r_identical_across_ranks(driver: DBP, world: int) -> bool:

@@ -189,12 +189,16 @@ def test_dbp_updates_every_k_steps_and_restores_state():
     assert metrics["decor_loss"] > 0 and 0 < metrics["mean_abs_corr"] < 1
 
 
-def test_update_all_returns_losses():
+def test_update_all_steps_every_layer_and_losses_come_on_request():
     model = _model()
     mods = decorrelate(model, [ENCODER])
+    assert all(m.last_decor_loss is None for m in mods)
     model(torch.randn(2, 3, 16, 16))
-    losses = update_all(mods)
-    assert len(losses) == 8 and all(float(x) > 0 for x in losses)
+    before = [m.R.clone() for m in mods]
+    assert update_all(mods) == 8
+    assert all(not torch.equal(m.R, r) for m, r in zip(mods, before))
+    assert all(float(m.last_decor_loss) > 0 for m in mods)
+    assert update_all(mods) == 0  # nothing gathered since
 
 
 def _layernorm_inputs(d, seed=0):

@@ -78,6 +78,7 @@ def test_full_sample_statistics_equal_second_moment_of_rx():
     x = torch.randn(6, 7, 5)
     layer(x)
     z = x.reshape(-1, 5) @ layer.R.T
+    layer._fold()
     torch.testing.assert_close(second_moment(layer._zz, layer._z_sum, layer._n, False),
                                z.T @ z / 42, rtol=1e-5, atol=1e-6)
 
@@ -87,6 +88,7 @@ def test_with_replacement_can_repeat_rows():
     x = torch.arange(30.0).reshape(10, 3)
     layer(x)
     assert layer._n == 10
+    layer._fold()
     assert not torch.allclose(layer._z_sum, x.sum(0))  # a draw with repeats (seed 0)
 
 
@@ -131,7 +133,7 @@ def test_identity_arm_keeps_r_but_reports_statistics():
     layer.update()
     torch.testing.assert_close(layer.R, torch.eye(6), rtol=0, atol=0)
     assert layer.last_mean_abs_corr.item() > 0.5
-    assert layer.update() is None  # nothing gathered since
+    assert layer.update() is False  # nothing gathered since
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -148,3 +150,20 @@ def test_bad_options_raise(kwargs, match):
 def test_unknown_option_is_a_type_error():
     with pytest.raises(TypeError, match="sample_fraction"):
         DecorLinear(4, 4, sample_fraction=0.1)
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_layer_steps_from_rows_and_from_sums_alike(center):
+    """A wide layer (8 sampled rows < 32 features) keeps rows and steps from them; the same
+    statistics folded into sums give the same R."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 32, generator=gen) @ (torch.eye(32) + 0.3)
+    opts = dict(sample_frac=0.5, decor_lr=0.05, kappa=0.2, center=center)
+    rows, sums = DecorLinear(32, 4, **opts), DecorLinear(32, 4, **opts)
+    rows(x), sums(x)
+    assert rows._zz is None and len(rows._rows) == 1  # 8 rows kept as rows
+    sums._fold()
+    rows.update(), sums.update()
+    torch.testing.assert_close(rows.R, sums.R, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(rows.R, torch.eye(32))
+    torch.testing.assert_close(rows.last_decor_loss, sums.last_decor_loss)

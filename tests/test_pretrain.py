@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from dbp.config import load_config, to_dict
+from dbp.config import load_config
 from dbp.embedded import make_embedded
-from dbp.pretrain import COLUMNS, learning_rate, pretrain
+from dbp.learner import Learner
+from dbp.pretrain import COLUMNS, RunSpec, learning_rate, pretrain
 
 TIME_COLUMNS = {"train_seconds", "eval_seconds", "checkpoint_seconds", "energy_kwh", "co2_kg",
                 "images_per_second", "cpu_seconds", "cpu_util", "load_avg"}
@@ -30,10 +31,23 @@ def _cfg(imagenet, **over):
 
 
 def _run(cfg, arm, out, seed=0, **kw):
-    return pretrain(out, arm=arm, seed=seed, data_cfg=cfg.data, cfg=cfg.pretrain_for(arm),
-                    dbp_cfg=cfg.dbp_for(arm), probe_patterns=cfg.dbp.patterns(),
-                    probe_kappa=cfg.dbp.kappa, energy_cfg=cfg.energy,
-                    resolved_config=to_dict(cfg), **kw)
+    return pretrain(RunSpec.from_study(cfg, arm, seed, out, **kw))
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs (no evaluation, checkpoint or outputs)."""
+
+
+def _killed_after(monkeypatch, steps):
+    """Make the next run die while taking step `steps` + 1."""
+    real, done = Learner.step, []
+
+    def step(self, micro):
+        if len(done) == steps:
+            raise Killed
+        done.append(1)
+        return real(self, micro)
+    monkeypatch.setattr(Learner, "step", step)
 
 
 def _rows(out):
@@ -97,10 +111,12 @@ def test_arms_are_paired_identity_equals_bp_exactly(imagenet, tmp_path):
     assert runs["dbp"]["extra_macs_per_step"] == runs["id"]["extra_macs_per_step"] > 0  # eta = 0 pays too
 
 
-def test_kill_and_resume_ends_with_the_same_metrics(imagenet, tmp_path):
+def test_kill_and_resume_ends_with_the_same_metrics(imagenet, tmp_path, monkeypatch):
     cfg = _cfg(imagenet)
     _run(cfg, "dbp", tmp_path / "whole")
-    _run(cfg, "dbp", tmp_path / "broken", stop_after=3)  # dies after the step-2 checkpoint
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        _killed_after(m, 3)  # dies in step 4, after the step-2 checkpoint
+        _run(cfg, "dbp", tmp_path / "broken")
     assert not (tmp_path / "broken" / "final.pt").exists()
     info = _run(cfg, "dbp", tmp_path / "broken")
     assert info["resumed_from"] == [2]

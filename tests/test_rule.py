@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from dbp.rule import decor_loss, decor_step, mean_abs_corr, second_moment
+from dbp.rule import decor_loss, decor_step, decor_step_rows, mean_abs_corr, second_moment
 
 
 def reference_step(r, z, eta, kappa, variant, variance_term):
@@ -60,3 +60,18 @@ def test_loss_and_correlation_values():
     z = torch.randn(20000, 2, dtype=torch.float64)
     z[:, 1] = 0.6 * z[:, 0] + 0.8 * z[:, 1]  # correlation 0.6
     assert mean_abs_corr(z.T @ z, z.sum(0), 20000).item() == pytest.approx(0.6, abs=0.02)
+
+
+@pytest.mark.parametrize("variant,variance_term,center", list(itertools.product(
+    ["standard", "normalized"], ["row", "column"], [False, True])))
+def test_step_from_rows_equals_step_from_second_moment(variant, variance_term, center):
+    """The row form (fewer rows than features: X R = z^T (z R) / n) is the same update."""
+    gen = torch.Generator().manual_seed(1)
+    d, n = 24, 9
+    r = torch.eye(d, dtype=torch.float64) + 0.2 * torch.randn(d, d, generator=gen, dtype=torch.float64)
+    z = torch.randn(n, d, generator=gen, dtype=torch.float64) + 0.5
+    opts = dict(decor_lr=0.05, kappa=0.3, variant=variant, variance_term=variance_term)
+    want = decor_step(r, second_moment(z.T @ z, z.sum(0), n, center), **opts)
+    got = decor_step_rows(r, z, center=center, **opts)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert (got - r).abs().max() > 1e-3  # a real step
