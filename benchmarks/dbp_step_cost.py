@@ -96,6 +96,63 @@ class Runner:
             self.times[k].append(v)
 
 
+PARTS = {"fwd": "A = W R, forward", "bwd": "dL/dA R^T, backward", "stats": "statistics (z, sums)",
+         "update": "R update"}
+
+
+def profile_split(r: Runner, batches: list, steps: int) -> dict[str, dict[str, float]]:
+    """Where one DBP arm's extra time goes, from torch.profiler over `steps` steps: per part
+    (PARTS) the ms per step, and how much of it the aten ops themselves took (the rest is
+    Python and dispatch). The forward fusion, statistics and update are labelled here; the
+    backward fusion is the aten::mm of shape ((out, d), (d, d)) outside the forward label."""
+    from torch.autograd.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile
+
+    from dbp.layers import DecorMixin
+    labels = {"_fused_matrix": "fwd", "_collect": "stats", "update": "update"}
+    saved = {name: getattr(DecorMixin, name) for name in labels}
+
+    def labelled(name: str):
+        def call(self, *args, **kwargs):
+            with record_function(f"dbp.{labels[name]}"):
+                return saved[name](self, *args, **kwargs)
+        return call
+    shapes = {(tuple(m.weight.reshape(m.weight.shape[0], -1).shape), tuple(m.R.shape))
+              for m in r.decor_layers}
+    try:
+        for name in labels:
+            setattr(DecorMixin, name, labelled(name))
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for i in range(steps):
+                r.step(*batches[i % len(batches)], lambda: None)
+    finally:
+        for name, fn in saved.items():
+            setattr(DecorMixin, name, fn)
+    out = {k: {"ms": 0.0, "ops_ms": 0.0} for k in PARTS}
+    for ev in prof.events():
+        part = ev.name.removeprefix("dbp.") if ev.name.startswith("dbp.") else None
+        if part in out:  # a labelled region: its wall time and the self time of the ops inside
+            out[part]["ms"] += ev.cpu_time_total
+            out[part]["ops_ms"] += sum(c.self_cpu_time_total for c in _descendants(ev))
+        elif ev.name == "aten::mm" and len(ev.input_shapes) == 2 and \
+                (tuple(ev.input_shapes[0]), tuple(ev.input_shapes[1])) in shapes and \
+                not any(a.name == "dbp.fwd" for a in _ancestors(ev)):
+            out["bwd"]["ms"] += ev.cpu_time_total
+            out["bwd"]["ops_ms"] += ev.cpu_time_total
+    return {k: {q: v / 1e3 / steps for q, v in d.items()} for k, d in out.items()}  # us -> ms/step
+
+
+def _descendants(ev):
+    for c in ev.cpu_children:
+        yield c
+        yield from _descendants(c)
+
+
+def _ancestors(ev):
+    while (ev := ev.cpu_parent) is not None:
+        yield ev
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="mae_vit_bench_patch4_32")
@@ -105,6 +162,8 @@ def main() -> None:
     ap.add_argument("--arms", nargs="*", default=[a.name for a in ARMS])
     ap.add_argument("--quick", action="store_true", help="tiny preset, batch 16, 4 rounds")
     ap.add_argument("--out", help="also write the per-turn records (CSV) here")
+    ap.add_argument("--profile-steps", type=int, default=5,
+                    help="steps of dbp_fused_f0.1 under torch.profiler for the split (0: skip)")
     args = ap.parse_args()
     if args.quick:
         args.preset, args.batch, args.rounds = "mae_vit_tiny_patch4_32", 16, 4
@@ -150,16 +209,32 @@ def main() -> None:
               f"{q['ratio_q75']:5.3f}] {q['cpu_ratio']:6.3f} {1 + sum(extra.values()) / bp_macs:6.3f} "
               f"{med['fwd']:6.1f} {med['bwd']:6.1f} {med['opt']:5.1f} {med['update']:5.1f}  "
               + "/".join(f"{v / 1e9:.2f}" for v in extra.values()))
+    if args.profile_steps and "dbp_fused_f0.1" in runners and "bp" in runners:
+        r = runners["dbp_fused_f0.1"]
+        split = profile_split(r, batches, args.profile_steps)
+        bp_ms = 1e3 * ratios.loc["bp", "sec_per_step"]
+        macs = r.arm.macs_extra(r.decor_layers, tokens)
+        print(f"\nwhere dbp_fused_f0.1's extra time goes (torch.profiler, {args.profile_steps} steps; "
+              f"share = ms / BP's {bp_ms:.1f} ms per step):")
+        print(f"{'part':24s} {'ms/step':>8s} {'in ops':>7s} {'share':>6s} {'MAC share':>9s}")
+        for k, text in PARTS.items():
+            d = split[k]
+            print(f"{text:24s} {d['ms']:8.1f} {d['ops_ms']:7.1f} {d['ms'] / bp_ms:6.3f} "
+                  f"{macs[k] / bp_macs:9.3f}")
+        total = sum(d["ms"] for d in split.values())
+        print(f"{'total':24s} {total:8.1f} {sum(d['ops_ms'] for d in split.values()):7.1f} "
+              f"{total / bp_ms:6.3f} {sum(macs.values()) / bp_macs:9.3f}")
     _check_targets(ratios["ratio"].to_dict())
 
 
 def _check_targets(s: dict[str, float]) -> None:
-    """The issue's targets, each printed with the measured value."""
-    checks = [("fused f=0.1 every step <= 1.20x BP", s.get("dbp_fused_f0.1"), lambda v: v <= 1.20),
-              ("fused every 4 steps <= 1.10x BP", s.get("dbp_fused_f0.1_k4"), lambda v: v <= 1.10)]
-    if "dbp_unfused_f0.1" in s and "dbp_fused_f0.1" in s:
-        checks.append(("unfused >= 1.3x fused", s["dbp_unfused_f0.1"] / s["dbp_fused_f0.1"],
-                       lambda v: v >= 1.3))
+    """The CPU targets of the cost work, each printed with the measured value."""
+    checks = [("fused f=0.1 every step <= 1.15x BP", s.get("dbp_fused_f0.1"), lambda v: v <= 1.15),
+              ("fused every 4 steps <= 1.08x BP", s.get("dbp_fused_f0.1_k4"), lambda v: v <= 1.08),
+              ("fusion only <= 1.05x BP", s.get("fusion_only_floor"), lambda v: v <= 1.05)]
+    if "identity_eta0" in s and "dbp_fused_f0.1" in s:
+        checks.append(("identity within 0.02 of fused", abs(s["identity_eta0"] - s["dbp_fused_f0.1"]),
+                       lambda v: v <= 0.02))
     print()
     for text, value, ok in checks:
         if value is not None:

@@ -12,19 +12,21 @@ def dbp_extra_macs_parts(layer_shapes: Iterable[tuple[int, int]], tokens: int,
     that each see `tokens` rows per step.
 
     Fused: A = W R in the forward and the gradient dL/dA R^T in the backward (out d^2
-    each). Unfused: R x for every token and its backward (tokens d^2 each). Statistics on
-    the n_sub = max(1, round(f tokens)) sampled rows every `every` steps: z = x R^T (fused
-    only; unfused reuses z) and Z^T Z (n_sub d^2 each). Update C R (d^3) every `every`
-    steps. Mirrors dbp.layers, which samples the same n_sub.
+    each). Unfused: R x for every token and its backward (tokens d^2 each). Statistics and
+    update every `every` steps, on the n = max(1, round(f tokens)) sampled rows, as
+    dbp.layers computes them: fewer rows than features, z = x R^T (fused only; unfused
+    reuses z) and the step from the rows, z^T (z R) (2 n d^2); else z and Z^T Z (n d^2
+    each) and the step from the sums, X R (d^3).
     """
-    n_sub = max(1, round(sample_frac * tokens))
+    n = max(1, round(sample_frac * tokens))
     parts = {"fwd": 0.0, "bwd": 0.0, "stats": 0.0, "update": 0.0}
     for out, d in layer_shapes:
         rows = out if fused else tokens
         parts["fwd"] += rows * d**2
         parts["bwd"] += rows * d**2
-        parts["stats"] += (2 if fused else 1) * n_sub * d**2 / every
-        parts["update"] += d**3 / every
+        z = n * d**2 if fused else 0.0
+        parts["stats"] += (z if n < d else z + n * d**2) / every
+        parts["update"] += (2 * n * d**2 if n < d else d**3) / every
     return parts
 
 

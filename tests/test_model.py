@@ -285,3 +285,14 @@ def test_step_macs_counts_the_matched_layers_with_their_tokens():
     assert step_macs(model, 8, [], 0.1, 2, True) == (bp, 0.0)  # plain BP: no extra work
     decorrelate(model, [ENCODER_LAYERS])  # same names and shapes: the same count
     assert step_macs(model, 8, [ENCODER_LAYERS], 0.1, 2, True) == (bp, extra)
+
+
+def test_extra_macs_follow_the_update_form_the_layer_uses():
+    """n = 5 sampled rows < d = 16: z (n d^2) and z^T (z R) (2 n d^2); n = 20 >= 16: z and
+    Z^T Z (n d^2 each) and X R (d^3). The fused forward and backward are out d^2 each."""
+    rows_form = cost.dbp_extra_macs_parts([(8, 16)], 50, 0.1, 1, True)
+    assert rows_form == {"fwd": 8 * 256, "bwd": 8 * 256, "stats": 5 * 256, "update": 2 * 5 * 256}
+    sums_form = cost.dbp_extra_macs_parts([(8, 16)], 200, 0.1, 2, True)
+    assert sums_form == {"fwd": 8 * 256, "bwd": 8 * 256, "stats": 2 * 20 * 256 / 2, "update": 16**3 / 2}
+    unfused = cost.dbp_extra_macs_parts([(8, 16)], 50, 0.1, 1, False)
+    assert unfused == {"fwd": 50 * 256, "bwd": 50 * 256, "stats": 0.0, "update": 2 * 5 * 256}
