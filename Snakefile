@@ -11,11 +11,11 @@ configfile: f"{workflow.basedir}/configs/default.yaml"
 report: "workflow/report/workflow.rst"
 
 
-validate(config, f"{workflow.basedir}/workflow/schemas/study.schema.yaml")  # types and key names
-try:  # ranges, folders, sweep points
+try:  # key names, types, ranges, folders, sweep points: one line naming the bad key
     STUDY = config_from_dict(config)
 except ConfigError as e:
     raise WorkflowError(f"config error: {e}")
+validate(config, f"{workflow.basedir}/workflow/schemas/study.schema.yaml")  # the same types and ranges
 
 RESULTS = f"results/{STUDY.name}"
 

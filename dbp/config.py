@@ -1,32 +1,36 @@
 """Typed study configuration, validated once at the edge (CLI / Snakefile).
 
-A YAML file maps onto `StudyConfig`; every unknown key, wrong type or out-of-range value
-fails at load time with a message naming the key (e.g. `pretrain.batch_size`). The library
-below this layer takes the resulting frozen dataclasses or plain values.
+A YAML file maps onto `StudyConfig` (frozen pydantic dataclasses: types and ranges on the
+fields, rules across fields in `validate`); every unknown key, wrong type or out-of-range
+value fails at load time with one line naming the key (e.g. `pretrain.batch_size: must be
+>= 1, got 0`). The library below this layer takes the resulting dataclasses or plain values.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
-import types
+import re
 import typing
-from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import AllowInfNan, BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
 
 from dbp.presets import PRESETS
 
 ENCODER_LAYERS = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 PATCH_EMBED = r"patch_embed\.proj"
-ARMS = ("bp", "dbp", "identity")
+Arm = Literal["bp", "dbp", "identity"]
+ARMS: tuple[str, ...] = typing.get_args(Arm)
 # Controls are not tuned and get no budget ladder: they take the winner of the arm they
 # control (identity = BP's layers doing nothing, so its losses equal BP's exactly).
 CONTROLS = {"identity": "bp"}
 ROLES = ("target", "tuning", "scored", "sweep")
-FLOAT_TEXT = r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$"  # numbers PyYAML leaves as text
+FLOAT_TEXT = r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$"  # numbers PyYAML leaves as text (1e-3)
 
 
 class ConfigError(ValueError):
@@ -38,80 +42,80 @@ def _require(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
-@dataclass(frozen=True)
+def _float(**bounds: float) -> Any:
+    """A float within `bounds`: an int or numeric text (1e-3) will do, a bool or 'abc' will not."""
+    return Annotated[float, Field(**bounds), Strict(), AllowInfNan(False), BeforeValidator(
+        lambda v: float(v) if isinstance(v, str) and re.match(FLOAT_TEXT, v) else v)]
+
+
+# Strict scalars: no bool for an int, no 1.0 or "1" for an int, no "yes" for a bool.
+Int, Bool, Str = Annotated[int, Strict()], Annotated[bool, Strict()], Annotated[str, Strict()]
+Count, Index = Annotated[Int, Field(ge=1)], Annotated[Int, Field(ge=0)]
+PosFloat, NonNegFloat = _float(gt=0), _float(ge=0)
+Fraction, Unit = _float(gt=0, le=1), _float(ge=0, le=1)          # (0, 1], [0, 1]
+OpenUnit, Rate = _float(gt=0, lt=1), _float(ge=0, lt=1)          # (0, 1), [0, 1)
+_section = functools.partial(dataclass, frozen=True, config=ConfigDict(extra="forbid"))
+
+
+@_section
 class DataConfig:
     kind: Literal["embedded", "imagenet"] = "embedded"
-    root: str = "data/embedded"          # embedded: made here on demand; imagenet: train/ val/
-    embedded_seed: int = 0               # generator seed of the embedded data
-    fraction: float = 1.0                # subset of train images, sampled per run seed
-    class_balanced: bool = False
+    root: Str = "data/embedded"          # embedded: made here on demand; imagenet: train/ val/
+    embedded_seed: Int = 0               # generator seed of the embedded data
+    fraction: Fraction = 1.0             # subset of train images, sampled per run seed
+    class_balanced: Bool = False
     on_error: Literal["raise", "skip"] = "raise"  # corrupt images: stop, or skip and count
-    image_size: int = 32                 # must equal the model preset's input size
-    val_images: int | None = None        # a fixed sample spread over classes (None: all)
-    num_workers: int = 2
+    image_size: Count = 32               # must equal the model preset's input size
+    val_images: Count | None = None      # a fixed sample spread over classes (None: all)
+    num_workers: Index = 2
 
     def validate(self, key: str) -> None:
-        _require(0.0 < self.fraction <= 1.0, f"{key}.fraction", f"must be in (0, 1], got {self.fraction}")
-        _require(self.image_size > 0, f"{key}.image_size", "must be positive")
-        _require(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0")
-        _require(self.val_images is None or self.val_images > 0, f"{key}.val_images", "must be positive")
         if self.kind == "imagenet":
             for split in ("train", "val"):
                 _require(Path(self.root, split).is_dir(), f"{key}.root",
                          f"ImageNet folder {Path(self.root, split)} does not exist")
 
 
-@dataclass(frozen=True)
+@_section
 class PretrainConfig:
-    model: str = "mae_vit_tiny_patch4_32"
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
-    batch_size: int = 64                 # per device and micro-step
-    accum_steps: int = 1
-    steps: int = 300                     # optimizer steps
-    blr: float = 1.6e-2                  # lr = blr * effective batch / 256
-    warmup_steps: int = 30
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    beta2: float = 0.95
-    clip_grad: float | None = None
-    eval_every: int = 15                 # validation points every N steps (shared by all arms)
-    checkpoint_every: int = 50
+    model: Str = "mae_vit_tiny_patch4_32"  # a dbp.presets.PRESETS name
+    mask_ratio: OpenUnit = 0.75
+    norm_pix_loss: Bool = True
+    batch_size: Count = 64               # per device and micro-step
+    accum_steps: Count = 1
+    steps: Count = 300                   # optimizer steps
+    blr: PosFloat = 1.6e-2               # lr = blr * effective batch / 256
+    warmup_steps: Index = 30             # < steps
+    min_lr: NonNegFloat = 0.0
+    weight_decay: NonNegFloat = 0.05
+    beta2: Rate = 0.95
+    clip_grad: PosFloat | None = None
+    eval_every: Count = 15               # validation points every N steps (shared by all arms)
+    checkpoint_every: Count = 50
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA if supported
-    compile: bool = False
+    compile: Bool = False
 
     def validate(self, key: str) -> None:
         _require(self.model in PRESETS, f"{key}.model",
                  f"unknown model {self.model!r}; choose one of {sorted(PRESETS)}")
-        _require(0.0 < self.mask_ratio < 1.0, f"{key}.mask_ratio", "must be in (0, 1)")
-        for name in ("batch_size", "accum_steps", "steps", "eval_every", "checkpoint_every"):
-            _require(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
-        _require(self.blr > 0, f"{key}.blr", "must be > 0")
-        _require(0 <= self.warmup_steps < self.steps, f"{key}.warmup_steps", "must be in [0, steps)")
-        _require(self.clip_grad is None or self.clip_grad > 0, f"{key}.clip_grad", "must be > 0 or null")
+        _require(self.warmup_steps < self.steps, f"{key}.warmup_steps",
+                 f"must be in [0, steps), got {self.warmup_steps} with steps {self.steps}")
 
 
-@dataclass(frozen=True)
+@_section
 class DBPConfig:
-    include: tuple[str, ...] = (ENCODER_LAYERS,)
-    patch_embed: bool = False            # also decorrelate the patch embedding
-    fused: bool = True
-    sample_frac: float = 0.1
-    replacement: bool = False
-    decor_lr: float = 1e-3
-    kappa: float = 1e-3
+    include: Annotated[tuple[Str, ...], Field(min_length=1)] = (ENCODER_LAYERS,)  # layer-name regexes
+    patch_embed: Bool = False            # also decorrelate the patch embedding
+    fused: Bool = True
+    sample_frac: Fraction = 0.1
+    replacement: Bool = False
+    decor_lr: NonNegFloat = 1e-3
+    kappa: Unit = 1e-3
     variant: Literal["standard", "normalized"] = "standard"
     variance_term: Literal["row", "column"] = "row"
-    center: bool = False
+    center: Bool = False
     stabilize: Literal["none", "project"] = "none"
-    every: int = 1                       # R update every k optimizer steps
-
-    def validate(self, key: str) -> None:
-        _require(0.0 < self.sample_frac <= 1.0, f"{key}.sample_frac", "must be in (0, 1]")
-        _require(0.0 <= self.kappa <= 1.0, f"{key}.kappa", "must be in [0, 1]")
-        _require(self.decor_lr >= 0.0, f"{key}.decor_lr", "must be >= 0")
-        _require(self.every >= 1, f"{key}.every", "must be >= 1")
-        _require(len(self.include) > 0, f"{key}.include", "needs at least one pattern")
+    every: Count = 1                     # R update every k optimizer steps
 
     def patterns(self) -> list[str]:
         return [*self.include, *([PATCH_EMBED] if self.patch_embed else [])]
@@ -122,50 +126,57 @@ class DBPConfig:
                                                "stabilize")}
 
 
-@dataclass(frozen=True)
+@_section
 class EnergyConfig:
-    enabled: bool = True
-    country_iso_code: str = "NLD"
-    measure_power_secs: float = 1.0     # codecarbon's power-sampling interval (its task-mode rate)
-    fallback_watts: float = 18.0        # used only if codecarbon fails: its own CPU+RAM estimate here
+    enabled: Bool = True
+    country_iso_code: Str = "NLD"
+    measure_power_secs: PosFloat = 1.0  # codecarbon's power-sampling interval (its task-mode rate)
+    fallback_watts: NonNegFloat = 18.0  # used only if codecarbon fails: its own CPU+RAM estimate here
 
     def validate(self, key: str) -> None:
         _require(len(self.country_iso_code) == 3, f"{key}.country_iso_code", "must be ISO-3166 alpha-3")
-        _require(self.measure_power_secs > 0, f"{key}.measure_power_secs", "must be > 0")
 
 
-@dataclass(frozen=True)
+@_section
 class FinetuneConfig:
-    """Segmentation fine-tuning of each pre-trained encoder (UperNet through mmseg)."""
-    enabled: bool = True
-    preset: Literal["cpu_tiny", "paper"] = "cpu_tiny"  # dbp.segment.SEG_PRESETS
+    """Segmentation fine-tuning of each pre-trained encoder (UperNet through mmseg). The
+    recipe keys (iterations, lr, ...) replace the preset's values; null keeps the preset's."""
+    enabled: Bool = True
+    preset: Literal["cpu_tiny", "paper", "paper_mae"] = "cpu_tiny"  # dbp.segment.SEG_PRESETS
     kind: Literal["embedded", "ade20k"] = "embedded"
-    root: str = "data/embedded"            # embedded: made on demand; ade20k: ADEChallengeData2016/
-    embedded_seed: int = 0
-    fraction: float = 1.0                  # of the training images; the paper: 0.10 of ADE20K
-    iterations: int | None = None          # None: the preset's, scaled by `fraction`
-    num_workers: int = 0
-    seeds: int = 3                         # fine-tune the encoders of the first N scored seeds
+    root: Str = "data/embedded"            # embedded: made on demand; ade20k: ADEChallengeData2016/
+    embedded_seed: Int = 0
+    fraction: Fraction = 1.0               # of the training images; the paper: 0.10 of ADE20K
+    iterations: Count | None = None        # None: the preset's, scaled by `fraction`
+    lr: PosFloat | None = None             # peak AdamW learning rate
+    layer_decay: Fraction | None = None    # lr factor per encoder block below the top
+    warmup: Index | None = None            # linear warm-up iterations
+    drop_path_rate: Rate | None = None     # stochastic depth of the encoder
+    weight_decay: NonNegFloat | None = None  # AdamW weight decay
+    num_workers: Index = 0
+    seeds: Count = 3                       # fine-tune the encoders of the first N scored seeds
 
     def validate(self, key: str) -> None:
-        _require(0.0 < self.fraction <= 1.0, f"{key}.fraction",
-                 f"must be in (0, 1], got {self.fraction}")
-        _require(self.iterations is None or self.iterations >= 1, f"{key}.iterations",
-                 "must be >= 1")
-        _require(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0")
-        _require(self.seeds >= 1, f"{key}.seeds", "must be >= 1")
         if self.kind == "ade20k":
             _require(Path(self.root, "objectInfo150.txt").is_file(), f"{key}.root",
                      f"{self.root} is not an ADE20K folder (no objectInfo150.txt)")
 
+    def recipe_overrides(self) -> dict[str, Any]:
+        """The recipe values set here (not None), to replace the preset's."""
+        keys = ("lr", "layer_decay", "warmup", "drop_path_rate", "weight_decay", "iterations")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
-def _grid_points(grid: dict[str, tuple[Any, ...]]) -> list[tuple[tuple[str, Any], ...]]:
+
+Grid = dict[Str, tuple[Any, ...]]  # dotted key -> values
+
+
+def _grid_points(grid: Grid) -> list[tuple[tuple[str, Any], ...]]:
     """Every point of a grid (dotted key -> values) as ((key, value), ...), in grid order."""
     keys = list(grid)
     return [tuple(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
-def _check_grid(grid: dict[str, tuple[Any, ...]], key: str, sections: tuple[str, ...]) -> None:
+def _check_grid(grid: Grid, key: str, sections: tuple[str, ...]) -> None:
     _require(bool(grid), f"{key}.grid", "needs at least one key")
     for k, values in grid.items():
         _require(k.split(".")[0] in sections and k.count(".") == 1, f"{key}.grid.{k}",
@@ -173,18 +184,17 @@ def _check_grid(grid: dict[str, tuple[Any, ...]], key: str, sections: tuple[str,
         _require(len(values) > 0, f"{key}.grid.{k}", "needs at least one value")
 
 
-@dataclass(frozen=True)
+@_section
 class SeedsConfig:
     """Disjoint seed sets, one per run role (docs/protocol.md rules 1, 5, 8): the runs that
     set the target, tune the arms and are scored never share a seed."""
-    scored: tuple[int, ...] = tuple(range(6))
-    target: tuple[int, ...] = (100, 101, 102, 103, 104)
-    tuning: tuple[int, ...] = (200,)
+    scored: tuple[Index, ...] = tuple(range(6))
+    target: tuple[Index, ...] = (100, 101, 102, 103, 104)
+    tuning: tuple[Index, ...] = (200,)
 
     def validate(self, key: str) -> None:
         for role in ("scored", "target", "tuning"):
             seeds = getattr(self, role)
-            _require(all(s >= 0 for s in seeds), f"{key}.{role}", f"seeds must be >= 0, got {list(seeds)}")
             _require(len(set(seeds)) == len(seeds), f"{key}.{role}", f"repeated seeds in {list(seeds)}")
         _require(bool(self.scored), f"{key}.scored", "needs at least one seed")
         _require(bool(self.target), f"{key}.target", "needs at least one seed (the protocol asks for 5)")
@@ -194,61 +204,54 @@ class SeedsConfig:
                      "the roles need disjoint seeds")
 
 
-@dataclass(frozen=True)
+@_section
 class TuningConfig:
     """The same declared grid for every tuned arm (rule 5), each trial a fully decayed run of
     the base budget on every tuning seed; the winner per arm feeds the target-setting and
     scored runs. `enabled: false` pins the config's values (the report says so)."""
-    enabled: bool = True
-    grid: dict[str, tuple[Any, ...]] = field(default_factory=lambda: {"pretrain.blr": (4e-3, 8e-3, 1.6e-2)})
+    enabled: Bool = True
+    grid: Grid = field(default_factory=lambda: {"pretrain.blr": (4e-3, 8e-3, 1.6e-2)})
 
     def validate(self, key: str) -> None:
         if self.enabled:
             _check_grid(self.grid, key, ("pretrain",))
 
 
-@dataclass(frozen=True)
+@_section
 class BudgetsConfig:
     """Extra fully decayed runs at `scales` x pretrain.steps (warm-up scaled alike) for every
     non-control arm on the first `seeds` scored seeds: with the base runs, a budget curve
     per arm (rule 9)."""
-    scales: tuple[float, ...] = (0.5, 1.5)
-    seeds: int = 6
+    scales: tuple[PosFloat, ...] = (0.5, 1.5)
+    seeds: Index = 6
 
     def validate(self, key: str) -> None:
-        _require(all(s > 0 and s != 1.0 for s in self.scales), f"{key}.scales",
+        _require(1.0 not in self.scales, f"{key}.scales",
                  f"must be > 0 and not 1 (the base budget is always run), got {list(self.scales)}")
         _require(len(set(self.scales)) == len(self.scales), f"{key}.scales", "repeated scales")
-        _require(self.seeds >= 0, f"{key}.seeds", "must be >= 0")
 
 
-@dataclass(frozen=True)
+@_section
 class StepCostConfig:
     """The side-by-side step-time measurement (dbp stepcost) that turns steps into
     wall-clock for the headline: `rounds` timed rounds, one turn per arm each, after
     `warmup` untimed ones."""
-    rounds: int = 100
-    warmup: int = 3
-
-    def validate(self, key: str) -> None:
-        _require(self.rounds >= 3, f"{key}.rounds", f"must be >= 3, got {self.rounds}")
-        _require(self.warmup >= 0, f"{key}.warmup", f"must be >= 0, got {self.warmup}")
+    rounds: Annotated[Int, Field(ge=3)] = 100
+    warmup: Index = 3
 
 
-@dataclass(frozen=True)
+@_section
 class SweepConfig:
     """Exploratory pre-training runs (role "sweep", on the tuning seeds, never scored): the
     cartesian product of `grid` (e.g. dbp.decor_lr x dbp.kappa) for each arm in `arms`."""
-    arms: tuple[str, ...] = ("dbp",)
-    grid: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    arms: tuple[Arm, ...] = ("dbp",)
+    grid: Grid = field(default_factory=dict)
 
     def validate(self, key: str) -> None:
-        for a in self.arms:
-            _require(a in ARMS, f"{key}.arms", f"unknown arm {a!r}; choose from {ARMS}")
         _check_grid(self.grid, key, ("pretrain", "dbp"))
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Run:
     """One pre-training run family of the study: an arm with overrides (a tuning trial, a
     budget, a sweep point) on a set of seeds. `tuned`: reads the selected values."""
@@ -265,11 +268,11 @@ class Run:
                 for k, v in self.overrides]
 
 
-@dataclass(frozen=True)
+@_section
 class StudyConfig:
-    name: str = "default"
+    name: Str = "default"
     seeds: SeedsConfig = field(default_factory=SeedsConfig)
-    arms: tuple[str, ...] = ARMS
+    arms: tuple[Arm, ...] = ARMS
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     dbp: DBPConfig = field(default_factory=DBPConfig)
@@ -279,15 +282,13 @@ class StudyConfig:
     budgets: BudgetsConfig = field(default_factory=BudgetsConfig)
     stepcost: StepCostConfig = field(default_factory=StepCostConfig)
     # per-arm pinned overrides of the pretrain section, e.g. {"dbp": {"blr": 8e-3}}
-    arm_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    sweeps: dict[str, SweepConfig] = field(default_factory=dict)
+    arm_overrides: dict[Arm, dict[Str, Any]] = field(default_factory=dict)
+    sweeps: dict[Str, SweepConfig] = field(default_factory=dict)
 
     def validate(self, key: str = "") -> None:
-        for a in (*self.arms, *self.arm_overrides):
-            _require(a in ARMS, "arms", f"unknown arm {a!r}; choose from {ARMS}")
+        """The rules that span fields or sections (types and ranges are checked on parsing)."""
         _require("bp" in self.arms, "arms", "needs bp: the baseline sets the target")
-        for sub in ("seeds", "data", "pretrain", "dbp", "energy", "finetune", "tuning", "budgets",
-                    "stepcost"):
+        for sub in ("seeds", "data", "pretrain", "energy", "finetune", "tuning", "budgets"):
             getattr(self, sub).validate(sub)
         _require(not (self.tuning.enabled and not self.seeds.tuning), "seeds.tuning",
                  "needs at least one seed while tuning.enabled is true")
@@ -378,7 +379,7 @@ class StudyConfig:
     def pretrain_for(self, arm: str) -> PretrainConfig:
         """The pretrain section with this arm's overrides applied (and validated)."""
         over = self.arm_overrides.get(arm, {})
-        cfg = _build(PretrainConfig, {**dataclasses.asdict(self.pretrain), **over},
+        cfg = _parse(PretrainConfig, {**dataclasses.asdict(self.pretrain), **over},
                      f"arm_overrides.{arm}")
         cfg.validate(f"arm_overrides.{arm}")
         return cfg
@@ -407,51 +408,45 @@ def _short(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def _check_type(value: Any, tp: Any, key: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        _require(value in args, key, f"must be one of {list(args)}, got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _check_type(value, inner[0], key)
-    if origin is tuple:
-        _require(isinstance(value, (list, tuple)), key, f"must be a list, got {value!r}")
-        return tuple(_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        _require(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
-        return {k: _check_type(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        names = ", ".join(f.name for f in dataclasses.fields(tp))
-        _require(isinstance(value, dict), key, f"must be a mapping with keys {names}, got {value!r}")
-        return _build(tp, value, key)
-    if tp is Any:
-        return value
-    if tp is float:
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-            with suppress(ValueError):
-                value = float(value)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        _require(ok, key, f"must be a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), key,
-                 f"must be an integer, got {value!r}")
-        return value
-    _require(isinstance(value, tp), key, f"must be {tp.__name__}, got {value!r}")
-    return value
+# ------------------------------------------------------- parsing, one-line error messages
+
+_SAYS = {  # pydantic's error type -> what the value must be
+    "int_type": "must be an integer", "float_type": "must be a number", "finite_number": "must be finite",
+    "bool_type": "must be true or false", "string_type": "must be a string", "tuple_type": "must be a list",
+    "dict_type": "must be a mapping", "dataclass_type": "must be a mapping with keys {keys}",
+    "literal_error": "must be {expected}", "invalid_key": "keys must be strings",
+    "too_short": "needs at least {min_length} entry", "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}", "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}"}
 
 
-def _build(cls: type, data: dict[str, Any], key: str):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    prefix = f"{key}." if key else ""
-    unknown = sorted(set(data) - names)
-    _require(not unknown, prefix + unknown[0] if unknown else key,
-             f"unknown key (known: {', '.join(sorted(names))})")
-    return cls(**{k: _check_type(v, hints[k], prefix + k) for k, v in data.items()})
+def _parse(tp: type, raw: Any, prefix: str = "") -> Any:
+    """`raw` as a `tp`, or a ConfigError: one line naming the first bad key, what it must be
+    (its known keys and bounds read off the JSON schema) and what it got."""
+    try:
+        return tp.__pydantic_validator__.validate_python(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+    loc, kind = err["loc"], err["type"]
+    key = (prefix + "".join(f"[{p}]" if isinstance(p, int) else "" if p == "[key]" else f".{p}"
+                            for p in loc)).lstrip(".") or "config"
+    plain = lambda n: next(m for m in n.get("anyOf", [n]) if m.get("type") != "null")  # noqa: E731
+    node = plain(json_schema(tp))
+    for part in loc:
+        if part in node.get("properties", {}):
+            node = plain(node["properties"][part])
+        elif "properties" not in node and part != "[key]":  # a list item or a mapping's value
+            node = plain(node.get("items", node.get("additionalProperties")) or {})
+    if kind == "unexpected_keyword_argument":
+        raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(node['properties']))})")
+    ctx = {k: _short(v) for k, v in err.get("ctx", {}).items()}  # > 0, not > 0.0
+    what = _SAYS.get(kind, err["msg"]).format(**ctx, keys=", ".join(node.get("properties", ())))
+    ends = [(k, node[k]) for k in ("exclusiveMinimum", "minimum", "exclusiveMaximum", "maximum")
+            if k in node]
+    if "than" in kind and len(ends) == 2:  # a range: say both ends
+        (lo, low), (hi, high) = ends
+        what = f"must be in {'[' if lo == 'minimum' else '('}{low}, {high}{']' if hi == 'maximum' else ')'}"
+    raise ConfigError(f"{key}: {what}, got {err['input']!r}")
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -497,31 +492,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def config_from_dict(raw: dict[str, Any]) -> StudyConfig:
     """Type-check and validate an already-merged mapping (e.g. Snakemake's `config`)."""
-    cfg = _build(StudyConfig, raw, "")
+    cfg = _parse(StudyConfig, raw)
     cfg.validate()
     return cfg
 
 
 def json_schema(tp: Any = StudyConfig) -> dict[str, Any]:
-    """The JSON schema of a config type, derived from the dataclasses (one source of truth);
+    """The JSON schema of a config type, from pydantic (one source of truth), in one piece:
+    $refs inlined, floats also as YAML's text form (1e-3), no titles, docstrings or defaults
+    (Snakemake's validate() would write defaults into its config, even into a bad section).
     workflow/schemas/study.schema.yaml is this, checked in (a test keeps them equal)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        return {"enum": list(args)}
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        return {"anyOf": [json_schema(inner[0]), {"type": "null"}]}
-    if origin is tuple:
-        return {"type": "array", "items": json_schema(args[0])}
-    if origin is dict:
-        return {"type": "object", "additionalProperties": json_schema(args[1])}
-    if dataclasses.is_dataclass(tp):
-        hints = typing.get_type_hints(tp)
-        return {"type": "object", "additionalProperties": False,
-                "properties": {f.name: json_schema(hints[f.name]) for f in dataclasses.fields(tp)}}
-    return {Any: {}, float: {"type": ["number", "string"], "pattern": FLOAT_TEXT},  # 1e-3: YAML text
-            int: {"type": "integer"}, bool: {"type": "boolean"},
-            str: {"type": "string"}}[tp]
+    schema = TypeAdapter(tp).json_schema()
+    defs = schema.pop("$defs", {})
+
+    def tidy(node: Any, names: bool = False) -> Any:
+        if isinstance(node, list):
+            return [tidy(v) for v in node]
+        if not isinstance(node, dict) or names:  # names: property name -> schema
+            return {k: tidy(v) for k, v in node.items()} if names else node
+        node = {**defs.get(node.get("$ref", "").rpartition("/")[2], {}), **node}
+        if node.get("type") == "number":
+            node.update(type=["number", "string"], pattern=FLOAT_TEXT)
+        keep = sorted((k for k in node if k not in ("title", "description", "default", "$ref")),
+                      key=lambda k: k != "type")  # the type first
+        return {k: tidy(node[k], k == "properties") for k in keep}
+    return tidy(schema)
 
 
 def with_tuned(cfg: StudyConfig, arm: str, values: dict[str, Any]) -> StudyConfig:

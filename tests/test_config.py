@@ -24,7 +24,7 @@ def test_default_study_runs_and_roles():
 @pytest.mark.parametrize("raw, message", [
     ({"seeds": {"scored": [0, 1], "target": [1, 2]}}, "seeds.scored: shares seeds [1] with seeds.target"),
     ({"seeds": {"tuning": [100]}}, "seeds.target: shares seeds [100] with seeds.tuning"),
-    ({"seeds": {"scored": [-1]}}, "seeds.scored: seeds must be >= 0, got [-1]"),
+    ({"seeds": {"scored": [-1]}}, "seeds.scored[0]: must be >= 0, got -1"),
     ({"seeds": [0, 1, 2]}, "seeds: must be a mapping with keys scored, target, tuning"),
     ({"tuning": {"grid": {"dbp.kappa": [0.1]}}}, "tuning.grid.dbp.kappa: keys look like pretrain.<key>"),
     ({"budgets": {"scales": [1.0]}}, "budgets.scales: must be > 0 and not 1"),

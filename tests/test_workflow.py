@@ -86,12 +86,12 @@ def test_paper_dry_run_with_fake_imagenet_and_ade20k(tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ({"pretrain": {"bach_size": 3}}, "'bach_size' was unexpected"),
+    ({"pretrain": {"bach_size": 3}}, "pretrain.bach_size: unknown key (known: accum_steps, amp,"),
     ({"data": {"fraction": 1.5}}, "data.fraction: must be in (0, 1]"),
-    ({"pretrain": {"batch_size": "many"}}, "'many' is not of type 'integer'"),
+    ({"pretrain": {"batch_size": "many"}}, "pretrain.batch_size: must be an integer, got 'many'"),
     ({"sweeps": {"x": {"grid": {"dbp.kapa": [1.0]}}}}, "dbp.kapa: unknown key"),
     ({"seeds": {"scored": [0, 100]}}, "seeds.scored: shares seeds [100] with seeds.target"),
-    ({"seeds": {"scored": [-1]}}, "seeds.scored: seeds must be >= 0"),
+    ({"seeds": {"scored": [-1]}}, "seeds.scored[0]: must be >= 0, got -1"),
     ({"dbp": {"kappa": "2e-3"}, "tuning": {"grid": {"pretrain.bl": [1.0]}}}, "pretrain.bl: unknown key"),
 ])
 def test_bad_config_stops_before_any_job(tmp_path, override, message):
