@@ -139,6 +139,7 @@ def _cmd_export(args) -> None:
 def _cmd_finetune(args) -> None:
     from dbp.export import ExportError, check_checkpoint_file
     from dbp.provenance import set_quiet_env
+    from dbp.seg_recipe import resolve_recipe
     from dbp.segment import ade_root, finetune
     set_quiet_env()
     cfg = load_config(args.config, args.overrides)
@@ -147,12 +148,13 @@ def _cmd_finetune(args) -> None:
     try:
         if pretrained is not None:
             check_checkpoint_file(pretrained, "pretrained encoder")
-        m = finetune(args.out, pretrained=pretrained,
-                     data_root=ade_root(f.kind, f.root, f.embedded_seed), seed=args.seed,
-                     model_name=cfg.pretrain.model, preset=f.preset, iterations=f.iterations,
-                     fraction=f.fraction, manifest=args.manifest, num_workers=f.num_workers,
-                     energy_enabled=e.enabled, country_iso_code=e.country_iso_code,
-                     measure_power_secs=e.measure_power_secs, fallback_watts=e.fallback_watts,
+        m = finetune(args.out, recipe=resolve_recipe(f.preset, f.recipe_overrides()),
+                     pretrained=pretrained, data_root=ade_root(f.kind, f.root, f.embedded_seed),
+                     seed=args.seed, model_name=cfg.pretrain.model, fraction=f.fraction,
+                     manifest=args.manifest, num_workers=f.num_workers,
+                     energy=dict(enabled=e.enabled, country_iso_code=e.country_iso_code,
+                                 measure_power_secs=e.measure_power_secs,
+                                 fallback_watts=e.fallback_watts),
                      verbose=args.verbose, resolved_config=to_dict(cfg))
     except (FileNotFoundError, ExportError) as err:
         sys.exit(f"dbp finetune: {err}")

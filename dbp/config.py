@@ -21,6 +21,7 @@ from pydantic import AllowInfNan, BeforeValidator, ConfigDict, Field, Strict, Ty
 from pydantic.dataclasses import dataclass
 
 from dbp.presets import PRESETS
+from dbp.seg_recipe import OVERRIDABLE
 
 ENCODER_LAYERS = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 PATCH_EMBED = r"patch_embed\.proj"
@@ -142,7 +143,7 @@ class FinetuneConfig:
     """Segmentation fine-tuning of each pre-trained encoder (UperNet through mmseg). The
     recipe keys (iterations, lr, ...) replace the preset's values; null keeps the preset's."""
     enabled: Bool = True
-    preset: Literal["cpu_tiny", "paper", "paper_mae"] = "cpu_tiny"  # dbp.segment.SEG_PRESETS
+    preset: Literal["cpu_tiny", "paper", "paper_mae"] = "cpu_tiny"  # dbp.seg_recipe.SEG_PRESETS
     kind: Literal["embedded", "ade20k"] = "embedded"
     root: Str = "data/embedded"            # embedded: made on demand; ade20k: ADEChallengeData2016/
     embedded_seed: Int = 0
@@ -163,8 +164,7 @@ class FinetuneConfig:
 
     def recipe_overrides(self) -> dict[str, Any]:
         """The recipe values set here (not None), to replace the preset's."""
-        keys = ("lr", "layer_decay", "warmup", "drop_path_rate", "weight_decay", "iterations")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in OVERRIDABLE if getattr(self, k) is not None}
 
 
 Grid = dict[Str, tuple[Any, ...]]  # dotted key -> values

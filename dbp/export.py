@@ -32,6 +32,7 @@ from dbp.decorrelate import decorrelate, fuse
 from dbp.provenance import provenance
 from dbp.records import atomic_torch_save
 from dbp.model import PRESETS, MaskedAutoencoderViT, build_mae, encoder_state_dict
+from dbp.seg_recipe import mae_backbone_cfg
 
 FORMAT = "dbp-export-v1: mmseg MAE backbone keys, DBP fused"
 # Backbone entries with no counterpart in a plain ViT; they keep mmseg's init, which is the
@@ -84,26 +85,6 @@ def to_mmseg_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
             key = key.replace(old, new)
         out[key] = value
     return out
-
-
-def mae_backbone_cfg(model_name: str, *, img_size: int | None = None,
-                     out_indices: tuple[int, ...] | None = None, drop_path_rate: float = 0.0,
-                     checkpoint: str | Path | None = None) -> dict[str, Any]:
-    """mmseg `MAE` backbone config whose weights an export of `model_name` fits exactly.
-
-    init_values=1.0 and LN eps 1e-6 make the block the timm block (layer scale = identity).
-    `img_size` defaults to the pre-training size; another size makes mmseg resize pos_embed.
-    """
-    p = PRESETS[model_name]
-    return dict(type="MAE", img_size=(img_size or p["img_size"],) * 2, patch_size=p["patch_size"],
-                in_channels=3, embed_dims=p["embed_dim"], num_layers=p["depth"],
-                num_heads=p["num_heads"], mlp_ratio=4,
-                out_indices=tuple(range(p["depth"])) if out_indices is None else out_indices,
-                attn_drop_rate=0.0, drop_path_rate=drop_path_rate,
-                norm_cfg=dict(type="LN", eps=1e-6), act_cfg=dict(type="GELU"), norm_eval=False,
-                final_norm=False, init_values=1.0,
-                init_cfg=None if checkpoint is None else dict(type="Pretrained",
-                                                              checkpoint=str(checkpoint)))
 
 
 # ----------------------------------------------------------------------------- pre-trained model

@@ -1,5 +1,8 @@
-"""Segmentation fine-tuning: config builder, ADE-layout loader, Runner outputs, resume, checks."""
+"""Segmentation fine-tuning: recipe and config builder, ADE-layout loader, Runner outputs,
+resume, determinism, checks."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,9 @@ from dbp.config import ConfigError, load_config
 from dbp.datasets import ADESegDataset, read_class_names
 from dbp.embedded import ADE, make_embedded
 from dbp.export import ExportError, export_encoder
-from dbp.segment import SEG_PRESETS, build_seg_config, finetune, out_indices, run_iterations
+from dbp.seg_recipe import (SEG_PRESETS, build_seg_config, out_indices, resolve_recipe,
+                            run_iterations)
+from dbp.segment import finetune
 from dbp.subset import list_ade_stems, write_manifest
 
 
@@ -32,17 +37,30 @@ def encoder(tmp_path_factory):
     return d / "encoder.pth"
 
 
-def _config(ade, tmp_path, **kw):
+REPO = Path(__file__).resolve().parents[1]
+NO_ENERGY = dict(enabled=False, country_iso_code="NLD", measure_power_secs=1.0, fallback_watts=18.0)
+
+
+def _config(ade, tmp_path, preset="cpu_tiny", overrides=None, **kw):
     write_manifest(tmp_path / "m.txt", list_ade_stems(ade, "training")[:5])
-    args = dict(work_dir=tmp_path, ade_root=ade, train_manifest=tmp_path / "m.txt",
-                model_name=MODEL, pretrained=None, seed=0)
-    return build_seg_config(**{**args, **kw})
+    args = dict(work_dir=tmp_path, ade_root=ade, classes=read_class_names(ade),
+                train_manifest=tmp_path / "m.txt", model_name=MODEL, pretrained=None, seed=0,
+                fraction=1.0, num_workers=0, world_size=1, on_gpu=False)
+    return build_seg_config(resolve_recipe(preset, overrides or {}), **{**args, **kw})
 
 
-def _finetune(out, ade, pretrained, **kw):
-    args = dict(pretrained=pretrained, data_root=ade, seed=0, iterations=3, fraction=1.0,
-                energy_enabled=False)
+def _finetune(out, ade, pretrained, iterations=3, **kw):
+    args = dict(recipe=resolve_recipe("cpu_tiny", {"iterations": iterations}),
+                pretrained=pretrained, data_root=ade, seed=0, model_name=MODEL, fraction=1.0,
+                manifest=None, num_workers=0, energy=NO_ENERGY, verbose=False,
+                resolved_config=None)
     return finetune(out, **{**args, **kw})
+
+
+def _warmup(cfg) -> int:
+    """Warm-up iterations of a config's LR schedule (0 without a LinearLR phase)."""
+    first = cfg["param_scheduler"][0]
+    return first["end"] if first["type"] == "LinearLR" else 0
 
 
 def test_out_indices_spread_over_depth():
@@ -63,19 +81,85 @@ def test_config_takes_sizes_from_the_data_and_the_encoder(ade, tmp_path):
     assert sizes == (128, 4, 4, (32, 32)) and bb["init_values"] == 1.0
     assert bb["init_cfg"] == dict(type="Pretrained", checkpoint="enc.pth")
     assert cfg["train_dataloader"]["dataset"]["ann_file"] == str((tmp_path / "m.txt").resolve())
-    amp = torch.cuda.is_available()
-    assert cfg["optim_wrapper"]["type"] == ("AmpOptimWrapper" if amp else "OptimWrapper")
     assert cfg["optim_wrapper"]["paramwise_cfg"]["num_layers"] == 4
 
 
-def test_paper_preset_scales_with_the_subset(ade, tmp_path):
+def test_cpu_runs_are_deterministic_and_gpu_runs_use_amp(ade, tmp_path):
+    cpu = _config(ade, tmp_path, preset="paper")
+    assert cpu["optim_wrapper"]["type"] == "OptimWrapper"  # AmpOptimWrapper asserts on CPU
+    assert cpu["randomness"] == dict(seed=0, deterministic=True)
+    assert cpu["env_cfg"]["dist_cfg"]["backend"] == "gloo" and not cpu["env_cfg"]["cudnn_benchmark"]
+    gpu = _config(ade, tmp_path, preset="paper", on_gpu=True)
+    assert gpu["optim_wrapper"]["type"] == "AmpOptimWrapper"
+    assert gpu["randomness"] == dict(seed=0, deterministic=False)
+    assert gpu["env_cfg"]["dist_cfg"]["backend"] == "nccl" and gpu["env_cfg"]["cudnn_benchmark"]
+    assert _config(ade, tmp_path, on_gpu=True)["optim_wrapper"]["type"] == "OptimWrapper"
+
+
+def test_paper_preset_scales_with_the_subset_but_keeps_its_warmup(ade, tmp_path):
     cfg = _config(ade, tmp_path, preset="paper", fraction=0.1)
     assert cfg["train_cfg"]["max_iters"] == 16_000 and cfg["train_cfg"]["val_interval"] == 1600
-    assert cfg["param_scheduler"][0]["end"] == 150 and cfg["param_scheduler"][1]["end"] == 16_000
+    assert cfg["default_hooks"]["checkpoint"]["interval"] == 1600
+    assert _warmup(cfg) == 1500 and cfg["param_scheduler"][1]["end"] == 16_000  # mmseg's fixed
     assert cfg["model"]["test_cfg"] == dict(mode="slide", crop_size=(512, 512), stride=(341, 341))
     assert cfg["optim_wrapper"]["paramwise_cfg"]["decay_rate"] == 0.65
     assert cfg["train_dataloader"]["batch_size"] == 16
-    assert run_iterations(SEG_PRESETS["paper"], 1.0, iterations=5) == 5
+    pinned = resolve_recipe("paper", {"iterations": 5})
+    assert run_iterations(pinned, 0.1) == 5 and run_iterations(SEG_PRESETS["paper"], 0.1) == 16_000
+
+
+def test_paper_warmup_stays_fixed_while_cpu_tiny_scales_with_the_run(ade, tmp_path):
+    assert _warmup(_config(ade, tmp_path, "paper", {"iterations": 16_000})) == 1500
+    assert _warmup(_config(ade, tmp_path, "paper", {"iterations": 160_000})) == 1500
+    assert _warmup(_config(ade, tmp_path, "paper", {"iterations": 40})) == 39  # before the end
+    # cpu_tiny as before: 50 of its 1000 iterations, scaled with the run's length
+    assert _warmup(_config(ade, tmp_path)) == 50
+    assert _warmup(_config(ade, tmp_path, fraction=0.5)) == 25
+    assert _warmup(_config(ade, tmp_path, "cpu_tiny", {"iterations": 200})) == 10
+    tiny = _config(ade, tmp_path, "cpu_tiny", {"iterations": 16_000})
+    assert _warmup(tiny) == 800 and tiny["default_hooks"]["checkpoint"]["interval"] == 4000
+    # a warm-up asked for is taken as it is
+    assert _warmup(_config(ade, tmp_path, "cpu_tiny", {"iterations": 200, "warmup": 7})) == 7
+
+
+def test_paper_mae_is_paper_with_the_mae_authors_lr_and_layer_decay(ade, tmp_path):
+    mae = _config(ade, tmp_path, preset="paper_mae")
+    paper = _config(ade, tmp_path, preset="paper")
+    assert mae["optim_wrapper"]["optimizer"]["lr"] == 8e-5
+    assert mae["optim_wrapper"]["paramwise_cfg"]["decay_rate"] == 0.8
+    del mae["optim_wrapper"], paper["optim_wrapper"]
+    assert mae == paper
+
+
+def test_resolve_recipe_applies_overrides_and_names_bad_ones():
+    r = resolve_recipe("paper", {"lr": 2e-4, "layer_decay": 0.9, "drop_path_rate": 0.2,
+                                 "weight_decay": 0.01, "warmup": 10, "iterations": 100})
+    assert (r.lr, r.layer_decay, r.drop_path_rate, r.weight_decay) == (2e-4, 0.9, 0.2, 0.01)
+    assert (r.warmup, r.iterations, r.name, r.crop) == (10, 100, "paper", 512)
+    assert resolve_recipe("cpu_tiny", {}) == SEG_PRESETS["cpu_tiny"]
+    with pytest.raises(ValueError, match="unknown segmentation preset 'papr'"):
+        resolve_recipe("papr", {})
+    with pytest.raises(ValueError, match="cannot override batch_size, crop"):
+        resolve_recipe("paper", {"crop": 256, "lr": 1e-4, "batch_size": 8})
+
+
+def test_the_recipe_needs_no_torch_mmengine_or_mmseg():
+    """Resolving a recipe and building its config import none of the training stack."""
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('torch', 'mmengine', 'mmseg', 'mmcv'):\n"
+            "            raise ImportError(name + ' is blocked')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from dbp.seg_recipe import build_seg_config, resolve_recipe\n"
+            "cfg = build_seg_config(resolve_recipe('paper_mae', {'iterations': 10}), work_dir='w',\n"
+            "    ade_root='a', classes=['wall'], train_manifest='m.txt',\n"
+            "    model_name='mae_vit_base_patch16', pretrained=None, seed=0, fraction=1.0,\n"
+            "    num_workers=0, world_size=1, on_gpu=False)\n"
+            "assert cfg['train_cfg']['max_iters'] == 10\n"
+            "assert not {'torch', 'mmengine', 'mmseg', 'mmcv'} & set(sys.modules)\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
 
 
 def test_ade_loader_reduces_zero_label_and_counts_classes(ade, tmp_path):
@@ -113,6 +197,17 @@ def test_finetune_writes_metrics_and_stays_quiet(ade, encoder, tmp_path, capfd):
     assert "Param groups" in log and "Iter(train) [3/3]" in log
     # a finished run is not repeated
     assert _finetune(tmp_path / "run", ade, encoder) == saved
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="deterministic on CPU only")
+def test_same_encoder_and_seed_give_the_same_metrics_on_cpu(ade, encoder, tmp_path):
+    first = _finetune(tmp_path / "a", ade, encoder, iterations=4)
+    second = _finetune(tmp_path / "b", ade, encoder, iterations=4)
+    timing = ("train_seconds", "excluded_seconds", "energy_kwh", "co2_kg")
+    assert first["mIoU"] == second["mIoU"] and first["aAcc"] > 0
+    assert {k: v for k, v in first.items() if k not in timing} == \
+        {k: v for k, v in second.items() if k not in timing}
+    assert not torch.are_deterministic_algorithms_enabled()  # mmengine's switch is undone
 
 
 class Killed(Exception):
@@ -212,7 +307,7 @@ def test_finetune_config_names_bad_keys(tmp_path):
     with pytest.raises(ConfigError, match="finetune.fraction"):
         load_config(None, ["finetune.fraction=2"])
     with pytest.raises(ConfigError, match="finetune.lr"):
-        load_config(None, ["finetune.lr=1"])
+        load_config(None, ["finetune.lr=-1"])
     with pytest.raises(ConfigError, match="finetune.root"):
         load_config(None, ["finetune.kind=ade20k", "finetune.root=/nope"])
 
