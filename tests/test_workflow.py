@@ -151,6 +151,26 @@ def test_schema_file_matches_the_typed_config():
 
 
 @pytest.mark.slow
+def test_a_job_killed_after_its_last_checkpoint_completes_on_rerun(tmp_path):
+    """Killed after the last checkpoint, before its outputs: Snakemake re-runs the job, which
+    resumes at the last step and writes every declared output (no MissingOutputException)."""
+    pinned = tmp_path / "pinned.yaml"
+    pinned.write_text(yaml.safe_dump({"tuning": {"enabled": False}}))
+    rel = Path("results", "smoke", "pretrain", "bp", "seed100")
+    run = tmp_path / rel
+    target = ["--configfile", _config("smoke.yaml"), str(pinned), "--", str(rel / "run.json")]
+    _snakemake(tmp_path, *target)
+    metrics = (run / "metrics.csv").read_text()
+    for name in ("run.json", "metrics.csv", "final.pt"):  # what a kill at that moment leaves out
+        (run / name).unlink()
+    again = _snakemake(tmp_path, *target)
+    assert "1 of 1 steps (100%) done" in again.stderr
+    assert (run / "metrics.csv").read_text() == metrics
+    assert json.loads((run / "run.json").read_text())["resumed_from"] == [20]
+    assert (run / "final.pt").is_file()
+
+
+@pytest.mark.slow
 def test_smoke_study_runs_end_to_end_and_is_then_up_to_date(tmp_path):
     _snakemake(tmp_path, "--configfile", _config("smoke.yaml"))
     results = tmp_path / "results" / "smoke"
