@@ -41,65 +41,64 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def _supported(m: nn.Module) -> bool:
-    """Whether DBP can put a decorrelated twin in place of `m` (and has not already)."""
-    return not isinstance(m, DecorMixin) and (isinstance(m, nn.Linear) or _is_patch_conv(m))
+def _layer(m: nn.Module) -> bool:
+    """A layer DBP works on: nn.Linear or a patch-embedding conv (decorrelated or not)."""
+    return isinstance(m, nn.Linear) or _is_patch_conv(m)
 
 
-def decorrelate(model: nn.Module, include: Sequence[str], *, seed: int = 0,
-                **layer_options) -> list[DecorMixin]:
-    """Replace, in place, the supported modules selected by the regexes in `include`; return
-    the new decorrelated modules in model order.
-
-    Supported modules are nn.Linear and patch-embedding nn.Conv2d (kernel = stride, no
-    padding, groups = 1, dilation 1). A pattern must fully match a qualified module name.
-    It selects:
-
-    * the matched module itself, if it is supported;
-    * every supported module *under* a matched module that is not (a container such as
-      ``blocks.0.mlp``, or the whole model for ``.*``), as the reference implementation
-      (artcogsys/decorbp) replaces every Linear of the model it is given.
-
-    A matched module that is neither (a GELU, a LayerNorm, a padded conv) is simply not a
-    candidate, and already-decorrelated layers are left as they are. Every pattern must select
-    at least one supported module, else ValueError naming the pattern: a typo fails loudly
-    instead of silently training plain BP. The conversion is all-or-nothing: the full plan is
-    computed and every twin built before the first swap, so on any error the model is unchanged.
-
-    All layers share one generator seeded with `seed` for their token subsampling, apart
-    from the global RNG, so adding DBP does not change the batches, masks or dropout.
-    """
+def select_layers(model: nn.Module, include: Sequence[str]) -> list[tuple[str, nn.Module]]:
+    """The layers (nn.Linear, patch-embedding nn.Conv2d: kernel = stride, no padding, groups
+    = 1, dilation 1; decorrelated or not) that the regexes in `include` select, in model
+    order. A pattern must fully match a qualified module name; it selects the matched module
+    if it is such a layer, else every such layer *under* it (a container such as
+    ``blocks.0.mlp``, or the whole model for ``.*``), as the reference implementation
+    (artcogsys/decorbp) replaces every Linear of the model it is given. A matched module that
+    is neither (a GELU, a LayerNorm, a padded conv) is not a candidate. A pattern that selects
+    no layer is a ValueError naming it: a typo fails loudly instead of silently training BP.
+    Decorrelation, the correlation probe and the MAC count all select layers here."""
     if isinstance(include, str):
         include = [include]
-    patterns = [re.compile(p) for p in include]
     named = list(model.named_modules())
-    if _supported(model) and any(p.fullmatch("") for p in patterns):
-        raise ValueError(f"decorrelate: {type(model).__name__} is itself the layer to replace; "
-                         "it cannot be swapped in place (wrap it in a container, or use "
-                         "DecorLinear / DecorPatchEmbed directly)")
-    # 1. plan: which supported modules each pattern selects
-    chosen: dict[str, nn.Module] = {}
+    chosen: set[str] = set()
     unused: list[str] = []
-    for p in patterns:
+    for p in map(re.compile, include):
         roots = [name for name, _ in named if p.fullmatch(name)]
-        picked = [(name, m) for name, m in named if name and _supported(m)
-                  and any(name == r or not r or name.startswith(r + ".") for r in roots)]
+        picked = {name for name, m in named if name and _layer(m)
+                  and any(name == r or not r or name.startswith(r + ".") for r in roots)}
         if not picked:
             seen = ", ".join(f"{r or '<model>'} ({type(model.get_submodule(r)).__name__})"
                              for r in roots[:5])
             unused.append(f"{p.pattern}" + (f" [matched only {seen}]" if seen else ""))
-        chosen.update(picked)
+        chosen |= picked
     if unused:
-        raise ValueError(f"decorrelate: these patterns match no module of "
-                         f"{type(model).__name__}: {'; '.join(unused)} (DBP replaces nn.Linear "
-                         "and patch-embedding nn.Conv2d, or those under a matched container)")
-    # 2. validate and build every twin before touching the model
+        raise ValueError(f"these patterns match no module of {type(model).__name__}: "
+                         f"{'; '.join(unused)} (DBP works on nn.Linear and patch-embedding "
+                         "nn.Conv2d, or those under a matched container)")
+    return [(name, m) for name, m in named if name in chosen]
+
+
+def decorrelate(model: nn.Module, include: Sequence[str], *, seed: int = 0,
+                **layer_options) -> list[DecorMixin]:
+    """Replace, in place, the layers `select_layers(model, include)` selects by decorrelated
+    twins (R = I: the same function); return the new layers in model order.
+
+    Already-decorrelated layers are left as they are. The conversion is all-or-nothing: the
+    full plan is computed and every twin built before the first swap, so on any error the
+    model is unchanged. All layers share one generator seeded with `seed` for their token
+    subsampling, apart from the global RNG, so adding DBP does not change the batches, masks
+    or dropout.
+    """
+    if _layer(model) and any(re.fullmatch(p, "") for p in ([include] if isinstance(include, str) else include)):
+        raise ValueError(f"decorrelate: {type(model).__name__} is itself the layer to replace; "
+                         "it cannot be swapped in place (wrap it in a container, or use "
+                         "DecorLinear / DecorPatchEmbed directly)")
+    try:
+        chosen = [(n, m) for n, m in select_layers(model, include) if not isinstance(m, DecorMixin)]
+    except ValueError as e:
+        raise ValueError(f"decorrelate: {e}") from None
     generator = torch.Generator().manual_seed(seed)
-    order = [name for name, _ in named if name in chosen]
-    plan = [(name, _decor_copy(chosen[name], name, {**layer_options, "generator": generator}))
-            for name in order]
-    # 3. swap (setattr on existing parents cannot fail half-way for valid names)
-    for name, new in plan:
+    plan = [(name, _decor_copy(m, name, {**layer_options, "generator": generator})) for name, m in chosen]
+    for name, new in plan:  # setattr on existing parents cannot fail half-way for valid names
         _set_submodule(model, name, new)
     return [new for _, new in plan]
 

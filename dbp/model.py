@@ -14,8 +14,7 @@ Module names follow timm's VisionTransformer (`patch_embed.proj`, `blocks.N.attn
 import dbp._compat  # noqa: F401  (must precede timm: see module docstring)
 
 import math
-import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from functools import partial
 
 import numpy as np
@@ -25,6 +24,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from dbp.cost import dbp_extra_macs
+from dbp.decorrelate import select_layers
 from dbp.layers import DecorMixin
 from dbp.presets import PRESETS  # plain data, torch-free (dbp.config reads it too)
 
@@ -231,13 +231,14 @@ def build_mae(name: str, **overrides) -> MaskedAutoencoderViT:
     return MaskedAutoencoderViT(**{**PRESETS[name], **overrides})
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float,
+                 exclude: Collection[str] = ()) -> list[dict]:
     """AdamW groups: no decay on biases, norm weights and other <= 1-D parameters, nor on
     the cls/mask tokens and position embeddings (timm's rule plus ViT's no_weight_decay
-    list); frozen parameters are left out."""
+    list); frozen parameters and the names in `exclude` (another optimizer's) are left out."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or name in exclude:
             continue
         exempt = p.ndim <= 1 or name.endswith(".bias") or name in _NO_DECAY_NAMES
         (no_decay if exempt else decay).append(p)
@@ -311,5 +312,5 @@ def step_macs(model: MaskedAutoencoderViT, batch_size: int, patterns: Sequence[s
     bp = 3.0 * sum(matmul_macs(model, batch_size).values())
     extra = sum(dbp_extra_macs([(m.weight.shape[0], m.weight[0].numel())],
                                batch_size * _tokens_seen(name, model), sample_frac, every, fused)
-                for name, m in model.named_modules() if any(re.fullmatch(p, name) for p in patterns))
+                for name, m in (select_layers(model, patterns) if patterns else []))
     return bp, float(extra)

@@ -33,7 +33,7 @@ from dbp.clock import Clock
 from dbp.energy import EnergyMeter, NvmlEnergy, summed_over_ranks
 from dbp.learner import Learner, setup_device
 from dbp.model import fixed_mask_noise, mask_noise, step_macs
-from dbp.probe import InputCorrelationProbe
+from dbp.correlation import InputCorrelationProbe
 from dbp.provenance import progress_enabled, provenance
 from dbp.records import atomic_torch_save, atomic_write_json, atomic_write_text
 

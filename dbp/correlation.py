@@ -7,12 +7,12 @@ layers and the same (validation) data as DBP without changing its computation.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from dbp.decorrelate import select_layers
 from dbp.layers import DecorMixin, patches
 from dbp.rule import decor_loss, mean_abs_corr, second_moment
 
@@ -21,11 +21,7 @@ class InputCorrelationProbe:
     """Context manager: `with probe: model(val_batch)`, then `probe.result()`."""
 
     def __init__(self, model: nn.Module, include: Sequence[str], kappa: float = 1e-3) -> None:
-        pats = [re.compile(p) for p in include]
-        self.layers = [(n, m) for n, m in model.named_modules()
-                       if isinstance(m, (nn.Linear, nn.Conv2d)) and any(p.fullmatch(n) for p in pats)]
-        if not self.layers:
-            raise ValueError(f"probe: patterns {list(include)} match no Linear/Conv2d module")
+        self.layers = select_layers(model, include)
         self.kappa = kappa
         self._stats: dict[str, list] = {}
         self._handles: list = []
