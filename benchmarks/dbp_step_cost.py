@@ -1,12 +1,15 @@
-"""Training-step cost of DBP variants against plain BP, measured side by side in one process.
+"""Training-step cost of DBP variants and the registered arms (dbp/arms/: dbp_ref, muon,
+cadamw, ...) against plain BP, measured side by side in one process.
 
-Every arm trains its own copy of the same MAE (same init, same batches, same masks). The
+Every arm trains its own copy of the same MAE (same init, same batches, same masks) with
+the optimizer(s) of a registered arm (AdamW unless it says otherwise). The
 arms take turns of one step (one full cycle for the every-4 arm) in a shuffled order, round
 after round (`dbp.stepcost.interleave`, the same engine the study's `stepcost` job uses),
 so whatever else the machine does hits every arm alike. Prints per arm: median ms per step,
 the median over rounds of the per-round ratio to BP with its quartiles, the same ratio in
 process CPU time, disturbed rounds (another process on the cores), the split into forward /
-backward / optimizer / R update, and the ratio the analytic MAC model predicts.
+backward / optimizer / R update, and the ratio the analytic MAC model predicts (DBP's
+extra work and the optimizer's matmuls, Muon's Newton-Schulz).
 
     python benchmarks/dbp_step_cost.py            # bench preset, batch 128, 40 rounds (5.3 min on the faster 2-core box)
     python benchmarks/dbp_step_cost.py --quick    # tiny preset, 4 rounds: a check that it runs
@@ -22,10 +25,12 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from dbp import DBP, decorrelate
+from dbp import DBP, DecorMixin, decorrelate
 from dbp.analysis import round_ratios
+from dbp.arms import get_arm
+from dbp.config import DBPConfig, PretrainConfig
 from dbp.cost import dbp_extra_macs_parts
-from dbp.model import build_mae, mask_noise, matmul_macs
+from dbp.model import build_mae, mask_noise, matmul_macs, tokens_seen
 from dbp.stepcost import interleave
 
 ENCODER = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
@@ -39,19 +44,33 @@ class Arm:
     options: dict = field(default_factory=dict)
     every: int = 1
     update: bool = True  # False: fusion only (no statistics, no R step), the floor
+    optimizer: str = "bp"  # the registered arm whose optimizer(s) it trains with
 
-    def macs_extra(self, layers: list[torch.nn.Linear], tokens: int) -> dict[str, float]:
-        """Analytic extra MACs per step over BP for these decorrelated layers."""
-        shapes = [(m.out_features, m.in_features) for m in layers]
-        parts = dbp_extra_macs_parts(shapes, tokens, self.options.get("sample_frac", 0.1),
-                                     self.every, self.options.get("fused", True))
+    def macs_extra(self, r: Runner, batch: int) -> dict[str, float]:
+        """Analytic extra MACs per step over BP: DBP's, each layer with the tokens it sees
+        (`dbp.model.tokens_seen`), and the optimizer's matmuls."""
+        frac, fused = self.options.get("sample_frac", 0.1), self.options.get("fused", True)
+        parts = {"fwd": 0.0, "bwd": 0.0, "stats": 0.0, "update": 0.0}
+        for name, m in r.decor_layers:
+            layer = dbp_extra_macs_parts([(m.weight.shape[0], m.weight[0].numel())],
+                                         batch * tokens_seen(name, r.model), frac, self.every, fused)
+            parts = {k: v + layer[k] for k, v in parts.items()}
         if not self.update:  # fusion only: no statistics, no R step
             parts.update(stats=0.0, update=0.0)
-        return parts
+        return {**parts, "opt": get_arm(self.optimizer).optimizer_macs(r.optimizers)}
+
+
+def registered(name: str) -> Arm:
+    """The row of a registered arm: its optimizer and its DBP settings (derived from the
+    default `dbp` section), as its Learner builds them."""
+    d = get_arm(name).dbp_settings(DBPConfig())
+    if d is None:
+        return Arm(name, optimizer=name)
+    return Arm(name, d.patterns(), d.layer_options(), d.every, optimizer=name)
 
 
 ARMS = [
-    Arm("bp"),
+    registered("bp"),
     Arm("dbp_unfused_f0.1", [ENCODER], {"fused": False}),
     Arm("dbp_fused_f0.1", [ENCODER]),
     Arm("dbp_fused_f1.0", [ENCODER], {"sample_frac": 1.0}),
@@ -59,11 +78,12 @@ ARMS = [
     Arm("dbp_fused_f0.1_no_fc2", [NO_FC2]),
     Arm("identity_eta0", [ENCODER], {"decor_lr": 0.0}),
     Arm("fusion_only_floor", [ENCODER], update=False),
+    *(registered(name) for name in ("dbp_ref", "muon", "cadamw", "dbp_muon")),
 ]
 
 
 class Runner:
-    """One arm's model, optimizer and DBP driver, with per-part timers."""
+    """One arm's model, optimizer(s) and DBP driver, with per-part timers."""
 
     def __init__(self, arm: Arm, base: torch.nn.Module, lr: float):
         self.arm, self.model = arm, copy.deepcopy(base)
@@ -74,19 +94,21 @@ class Runner:
             if not arm.update:
                 for m in mods:
                     m.collecting = False
-        self.decor_layers = mods
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95),
-                                     weight_decay=0.05)
+        self.decor_layers = [(n, m) for n, m in self.model.named_modules() if isinstance(m, DecorMixin)]
+        device = next(self.model.parameters()).device  # PretrainConfig(): wd 0.05, betas (0.9, 0.95)
+        self.optimizers = get_arm(arm.optimizer).build_optimizers(self.model, PretrainConfig(), lr, device)
         self.times: dict[str, list[float]] = {k: [] for k in ("fwd", "bwd", "opt", "update", "step")}
 
     def step(self, imgs, noise, sync) -> None:
         t0 = time.perf_counter()
         loss, _, _ = self.model(imgs, noise)
         sync(); t1 = time.perf_counter()
-        self.opt.zero_grad(set_to_none=True)
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
         loss.backward()
         sync(); t2 = time.perf_counter()
-        self.opt.step()
+        for opt in self.optimizers.values():
+            opt.step()
         sync(); t3 = time.perf_counter()
         if self.dbp is not None and self.arm.update:
             self.dbp.step()
@@ -108,7 +130,6 @@ def profile_split(r: Runner, batches: list, steps: int) -> dict[str, dict[str, f
     from torch.autograd.profiler import record_function
     from torch.profiler import ProfilerActivity, profile
 
-    from dbp.layers import DecorMixin
     labels = {"_fused_matrix": "fwd", "_collect": "stats", "update": "update"}
     saved = {name: getattr(DecorMixin, name) for name in labels}
 
@@ -118,7 +139,7 @@ def profile_split(r: Runner, batches: list, steps: int) -> dict[str, dict[str, f
                 return saved[name](self, *args, **kwargs)
         return call
     shapes = {(tuple(m.weight.reshape(m.weight.shape[0], -1).shape), tuple(m.R.shape))
-              for m in r.decor_layers}
+              for _, m in r.decor_layers}
     try:
         for name in labels:
             setattr(DecorMixin, name, labelled(name))
@@ -198,12 +219,12 @@ def main() -> None:
           f"{device.type}, {args.rounds} rounds ({int(ratios['disturbed'].iloc[0])} disturbed, left out); "
           f"BP = {bp_macs / 1e9:.1f} GMAC/step (3 x forward)")
     head = (f"{'arm':24s} {'ms/step':>8s} {'ratio':>6s} {'[q25, q75]':>14s} {'cpu':>6s} {'pred':>6s}"
-            f" {'fwd':>6s} {'bwd':>6s} {'opt':>5s} {'upd':>5s}  extra GMAC fwd/bwd/stats/upd")
+            f" {'fwd':>6s} {'bwd':>6s} {'opt':>5s} {'upd':>5s}  extra GMAC fwd/bwd/stats/upd/opt")
     print(head)
     print("-" * len(head))
     for name, r in runners.items():
         med = {k: statistics.median(v) * 1e3 for k, v in r.times.items()}
-        extra = r.arm.macs_extra(r.decor_layers, tokens)
+        extra = r.arm.macs_extra(r, args.batch)
         q = ratios.loc[name]
         print(f"{name:24s} {1e3 * q['sec_per_step']:8.1f} {q['ratio']:6.3f} [{q['ratio_q25']:5.3f}, "
               f"{q['ratio_q75']:5.3f}] {q['cpu_ratio']:6.3f} {1 + sum(extra.values()) / bp_macs:6.3f} "
@@ -213,7 +234,7 @@ def main() -> None:
         r = runners["dbp_fused_f0.1"]
         split = profile_split(r, batches, args.profile_steps)
         bp_ms = 1e3 * ratios.loc["bp", "sec_per_step"]
-        macs = r.arm.macs_extra(r.decor_layers, tokens)
+        macs = r.arm.macs_extra(r, args.batch)
         print(f"\nwhere dbp_fused_f0.1's extra time goes (torch.profiler, {args.profile_steps} steps; "
               f"share = ms / BP's {bp_ms:.1f} ms per step):")
         print(f"{'part':24s} {'ms/step':>8s} {'in ops':>7s} {'share':>6s} {'MAC share':>9s}")

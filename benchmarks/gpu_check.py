@@ -1,10 +1,11 @@
 """The GPU path, checked in one run: step cost at the paper's shapes, then a real pre-training
 run, an export and a short fine-tune, all through the suite's own code.
 
-1. Step time and peak memory of BP, fused DBP, unfused DBP (the reference's way) and the
-   identity control (eta = 0), each a `dbp.learner.Learner` built from configs/paper.yaml
-   (ViT-B/16 MAE, 224 px, bf16 autocast on CUDA, fused AdamW), eager and `torch.compile`d,
-   interleaved step by step (`dbp.stepcost.interleave`), beside the analytic MAC model.
+1. Step time and peak memory of every arm of configs/paper.yaml (BP, DBP, the identity
+   control, the optimizer rivals, ...) and of DBP unfused (the reference's way), each a
+   `dbp.learner.Learner` (ViT-B/16 MAE, 224 px, bf16 autocast on CUDA), eager and
+   `torch.compile`d, interleaved step by step (`dbp.stepcost.interleave`), beside the
+   analytic MAC model.
 2. `dbp pretrain` of DBP with the paper config on generated images in the ImageNet layout
    (NVML energy measured where the GPU has a counter), `dbp export`, and `dbp finetune` with
    the paper's segmentation preset for a few iterations.
@@ -29,6 +30,7 @@ import pandas as pd
 import torch
 
 from dbp.analysis import round_ratios
+from dbp.arms import get_arm
 from dbp.config import load_config
 from dbp.embedded import ADE, make_embedded
 from dbp.learner import Learner
@@ -41,18 +43,17 @@ PAPER = REPO / "configs" / "paper.yaml"
 
 
 def arms(cfg) -> dict:
-    """BP, fused DBP, unfused DBP and identity from the paper config: name -> DBP settings."""
-    fused = cfg.dbp_for("dbp")
-    return {"bp": None, "dbp_fused": fused, "dbp_unfused": dataclasses.replace(fused, fused=False),
-            "identity": cfg.dbp_for("identity")}
+    """The config's arms and DBP unfused: name -> (arm, the DBP section it derives from)."""
+    out = {a: (get_arm(a), cfg.dbp) for a in cfg.arms}
+    return out | {"dbp_unfused": (get_arm("dbp"), dataclasses.replace(cfg.dbp, fused=False))}
 
 
 def step_table(cfg, device, batch: int, rounds: int, compiled: bool) -> pd.DataFrame:
     """Interleaved step times (median ratio to BP over rounds), each arm's first step (with
     compilation) and peak memory, and the analytic MAC ratio."""
-    pre = dataclasses.replace(cfg.pretrain_for("bp"), batch_size=batch, compile=compiled)
-    settings = arms(cfg)
-    learners = {name: Learner(pre, d, seed=0, device=device) for name, d in settings.items()}
+    pre = dataclasses.replace(cfg.pretrain_for("bp"), batch_size=batch, global_batch=None,
+                              compile=compiled)
+    learners = {name: Learner(pre, arm, d, seed=0, device=device) for name, (arm, d) in arms(cfg).items()}
     model = learners["bp"].model
     gen = torch.Generator().manual_seed(0)
     micro = [(torch.randn(batch, 3, *model.patch_embed.img_size, generator=gen).to(device),
@@ -67,7 +68,7 @@ def step_table(cfg, device, batch: int, rounds: int, compiled: bool) -> pd.DataF
         sync()
         first[name] = time.perf_counter() - t0
         peak[name] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-        cost = step_cost(model, batch, settings[name])
+        cost = step_cost(lr)
         analytic[name] = 1 + cost["extra_macs_per_step"] / cost["macs_per_step"]
     rows = interleave({n: (lambda lr=lr: (lr.step(micro), sync())) for n, lr in learners.items()},
                       rounds, warmup=2)
@@ -93,7 +94,7 @@ def settings(data: Path, quick: bool) -> list[str]:
     sets = [f"data.root={data / 'imagenet'}", "data.fraction=1.0", "data.val_images=16",
             "data.num_workers=2", f"pretrain.steps={6 if quick else 300}", "pretrain.warmup_steps=2",
             f"pretrain.eval_every={3 if quick else 100}", f"pretrain.checkpoint_every={6 if quick else 300}",
-            f"pretrain.batch_size={8 if quick else 64}", "finetune.kind=ade20k",
+            f"pretrain.batch_size={8 if quick else 64}", "pretrain.global_batch=null", "finetune.kind=ade20k",
             f"finetune.root={data / ADE}", "finetune.fraction=1.0", f"finetune.iterations={2 if quick else 40}",
             "finetune.num_workers=2"]
     if quick:

@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import itertools
 import re
-import typing
 from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,16 +19,16 @@ import yaml
 from pydantic import AllowInfNan, BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
+from dbp.arms import UnknownArmError, controls, get_arm
 from dbp.presets import PRESETS
 from dbp.seg_recipe import OVERRIDABLE
 
 ENCODER_LAYERS = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
 PATCH_EMBED = r"patch_embed\.proj"
-Arm = Literal["bp", "dbp", "identity"]
-ARMS: tuple[str, ...] = typing.get_args(Arm)
+DEFAULT_ARMS = ("bp", "dbp", "identity")  # `arms:` takes any registered arm (dbp/arms/)
 # Controls are not tuned and get no budget ladder: they take the winner of the arm they
 # control (identity = BP's layers doing nothing, so its losses equal BP's exactly).
-CONTROLS = {"identity": "bp"}
+CONTROLS = controls()
 ROLES = ("target", "tuning", "scored", "sweep")
 FLOAT_TEXT = r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$"  # numbers PyYAML leaves as text (1e-3)
 
@@ -82,7 +81,8 @@ class PretrainConfig:
     model: Str = "mae_vit_tiny_patch4_32"  # a dbp.presets.PRESETS name
     mask_ratio: OpenUnit = 0.75
     norm_pix_loss: Bool = True
-    batch_size: Count = 64               # per device and micro-step
+    batch_size: Count | None = 64        # per device and micro-step; null: from global_batch
+    global_batch: Count | None = None    # per optimizer step over all devices (then batch_size: null)
     accum_steps: Count = 1
     steps: Count = 300                   # optimizer steps
     blr: PosFloat = 1.6e-2               # lr = blr * effective batch / 256
@@ -101,6 +101,23 @@ class PretrainConfig:
                  f"unknown model {self.model!r}; choose one of {sorted(PRESETS)}")
         _require(self.warmup_steps < self.steps, f"{key}.warmup_steps",
                  f"must be in [0, steps), got {self.warmup_steps} with steps {self.steps}")
+        _require((self.batch_size is None) != (self.global_batch is None), f"{key}.global_batch",
+                 "set exactly one of batch_size (per device) and global_batch (over all devices), "
+                 f"the other null; got batch_size {self.batch_size}, global_batch {self.global_batch}")
+        if self.global_batch is not None:
+            _require(self.global_batch % self.accum_steps == 0, f"{key}.global_batch",
+                     f"{self.global_batch} does not split into {self.accum_steps} accum_steps")
+
+    def device_batch(self, world: int) -> int:
+        """Images per device and micro-step: batch_size, or global_batch split over `world`
+        devices and accum_steps micro-steps, so that the GPU count a job is launched with
+        cannot change the recipe (lr, steps and epochs follow the global batch)."""
+        if self.global_batch is None:
+            return self.batch_size
+        per, rest = divmod(self.global_batch, world * self.accum_steps)
+        _require(rest == 0, "pretrain.global_batch", f"{self.global_batch} does not split into "
+                 f"{world} device(s) x {self.accum_steps} accum_steps")
+        return per
 
 
 @_section
@@ -244,7 +261,7 @@ class StepCostConfig:
 class SweepConfig:
     """Exploratory pre-training runs (role "sweep", on the tuning seeds, never scored): the
     cartesian product of `grid` (e.g. dbp.decor_lr x dbp.kappa) for each arm in `arms`."""
-    arms: tuple[Arm, ...] = ("dbp",)
+    arms: tuple[Str, ...] = ("dbp",)
     grid: Grid = field(default_factory=dict)
 
     def validate(self, key: str) -> None:
@@ -272,7 +289,7 @@ class Run:
 class StudyConfig:
     name: Str = "default"
     seeds: SeedsConfig = field(default_factory=SeedsConfig)
-    arms: tuple[Arm, ...] = ARMS
+    arms: tuple[Str, ...] = DEFAULT_ARMS
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     dbp: DBPConfig = field(default_factory=DBPConfig)
@@ -282,11 +299,12 @@ class StudyConfig:
     budgets: BudgetsConfig = field(default_factory=BudgetsConfig)
     stepcost: StepCostConfig = field(default_factory=StepCostConfig)
     # per-arm pinned overrides of the pretrain section, e.g. {"dbp": {"blr": 8e-3}}
-    arm_overrides: dict[Arm, dict[Str, Any]] = field(default_factory=dict)
+    arm_overrides: dict[Str, dict[Str, Any]] = field(default_factory=dict)
     sweeps: dict[Str, SweepConfig] = field(default_factory=dict)
 
     def validate(self, key: str = "") -> None:
         """The rules that span fields or sections (types and ranges are checked on parsing)."""
+        self._check_arms()
         _require("bp" in self.arms, "arms", "needs bp: the baseline sets the target")
         for sub in ("seeds", "data", "pretrain", "energy", "finetune", "tuning", "budgets"):
             getattr(self, sub).validate(sub)
@@ -314,6 +332,24 @@ class StudyConfig:
         for run in self.runs().values():  # every trial, budget and sweep point must make a valid config
             if run.overrides:
                 self.with_overrides(run)
+
+    def _check_arms(self) -> None:
+        """Every arm name is registered (one line naming the known arms), listed once, and
+        a control comes with the arm it controls."""
+        named = [(f"arms[{i}]", a) for i, a in enumerate(self.arms)]
+        named += [(f"arm_overrides.{a}", a) for a in self.arm_overrides]
+        named += [(f"sweeps.{s}.arms[{i}]", a) for s, sweep in self.sweeps.items()
+                  for i, a in enumerate(sweep.arms)]
+        for key, name in named:
+            try:
+                get_arm(name)
+            except UnknownArmError as e:
+                raise ConfigError(f"{key}: {e}") from None
+        _require(len(set(self.arms)) == len(self.arms), "arms", f"repeated arms in {list(self.arms)}")
+        for i, name in enumerate(self.arms):
+            of = CONTROLS.get(name)
+            _require(of is None or of in self.arms, f"arms[{i}]",
+                     f"{name} is a control of {of}: list {of} too")
 
     def tuned_arms(self) -> list[str]:
         """Arms that get the tuning grid: every arm but the controls."""
@@ -385,18 +421,18 @@ class StudyConfig:
         return cfg
 
     def dbp_for(self, arm: str) -> DBPConfig | None:
-        """DBP settings of an arm: none for BP, eta = 0 for the identity control."""
-        if arm == "bp":
-            return None
-        return self.dbp if arm == "dbp" else dataclasses.replace(self.dbp, decor_lr=0.0)
+        """DBP settings of an arm, which derives them from the `dbp` section (dbp/arms/)."""
+        return get_arm(arm).dbp_settings(self.dbp)
 
     def run_config(self, arm: str) -> dict[str, Any]:
         """What one run of `arm` trains with: the sections that change its weights and
-        clock (the seed sets, tuning grid and fine-tuning are not among them)."""
+        clock (the seed sets, tuning grid and fine-tuning are not among them), and the
+        arm's optimizer settings."""
         dbp_cfg = self.dbp_for(arm)
         return {"name": self.name, "data": dataclasses.asdict(self.data),
                 "pretrain": dataclasses.asdict(self.pretrain_for(arm)),
                 "dbp": dataclasses.asdict(dbp_cfg) if dbp_cfg else None,
+                "optimizer": get_arm(arm).optimizer.settings(),
                 "energy": dataclasses.asdict(self.energy)}
 
 

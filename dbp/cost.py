@@ -34,3 +34,12 @@ def dbp_extra_macs(layer_shapes: Iterable[tuple[int, int]], tokens: int, sample_
                    every: int, fused: bool) -> float:
     """Total of `dbp_extra_macs_parts`."""
     return sum(dbp_extra_macs_parts(layer_shapes, tokens, sample_frac, every, fused).values())
+
+
+def newton_schulz_macs(shape: tuple[int, int], steps: int) -> float:
+    """Multiply-accumulates of Muon's orthogonalisation of one (a, b) update, as
+    torch.optim.Muon computes it: on X of shape (m, n), m = min(a, b) <= n (it transposes a
+    tall matrix), each of `steps` iterations forms A = X X^T (m^2 n), B = b A + c A A (m^3)
+    and X <- a X + B X (m^2 n). Once per optimizer step, whatever the batch."""
+    m, n = sorted(shape)
+    return float(steps * (2 * m * m * n + m**3))

@@ -20,12 +20,15 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from dbp import analysis as A
+from dbp.arms import REGISTRY, controls
 from dbp.records import atomic_write
 from dbp.report import Analysis, analyze
 
 SIZE, DPI = (6.4, 4.8), 150
-COLORS = {"bp": "C0", "dbp": "C1", "identity": "C2", "scratch": "C7"}  # fixed per arm everywhere
-STYLE = {"identity": dict(ls="--", dashes=(4, 3))}  # identity lies on BP's losses: keep both visible
+# Fixed per arm everywhere, as each arm declares it (dbp/arms/); scratch is fine-tuning's.
+COLORS = {**{name: arm.color for name, arm in REGISTRY.items()}, "scratch": "C7"}
+# A control lies on the losses of the arm it controls: dashed, so both stay visible.
+STYLE = {name: dict(ls="--", dashes=(4, 3)) for name in controls()}
 Made = tuple[Figure, pd.DataFrame] | None
 
 

@@ -1,5 +1,6 @@
 """What one optimisation step touches, built from the config in one place: the MAE (DBP
-layers swapped in for the DBP arms), AdamW, the loss scaler, the DBP driver, autocast.
+layers swapped in where the arm asks for them), the arm's optimizer(s), the loss scaler,
+the DBP driver, autocast. The arm (dbp/arms/) decides; nothing here names one.
 
 `pretrain()` trains a Learner between validation points; `dbp.stepcost` times the Learners
 of several arms side by side. Both therefore time exactly the same step.
@@ -13,8 +14,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dbp import DBP, decorrelate
+from dbp.arms import Arm
 from dbp.config import DBPConfig, PretrainConfig
-from dbp.model import MaskedAutoencoderViT, build_mae, param_groups
+from dbp.model import MaskedAutoencoderViT, build_mae
 
 
 def setup_device() -> tuple[torch.device, int, int]:
@@ -42,25 +44,28 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 class Learner:
-    """One run's model, optimiser, scaler and DBP driver; `step()` is one optimiser step
+    """One run's model, optimisers, scaler and DBP driver; `step()` is one optimiser step
     over `accum_steps` micro-batches. For a given seed every arm starts from the same
-    weights; the DBP arms then swap their layers (R = identity at the start)."""
+    weights; an arm with DBP settings (derived from the study's `dbp` section) then swaps
+    its layers (R = identity at the start) and builds its optimizers over the result."""
 
-    def __init__(self, cfg: PretrainConfig, dbp_cfg: DBPConfig | None, seed: int,
+    def __init__(self, cfg: PretrainConfig, arm: Arm, dbp: DBPConfig, seed: int,
                  device: torch.device, world: int = 1):
         torch.manual_seed(seed)
         self.model: MaskedAutoencoderViT = build_mae(cfg.model, mask_ratio=cfg.mask_ratio,
                                                      norm_pix_loss=cfg.norm_pix_loss)
-        self.effective_batch = cfg.batch_size * cfg.accum_steps * world
+        self.arm, self.dbp_cfg = arm, arm.dbp_settings(dbp)
+        self.batch_size = cfg.device_batch(world)
+        self.effective_batch = self.batch_size * cfg.accum_steps * world
         self.driver: DBP | None = None
-        if dbp_cfg is not None:
-            mods = decorrelate(self.model, dbp_cfg.patterns(), seed=seed, **dbp_cfg.layer_options())
-            self.driver = DBP(mods, every=dbp_cfg.every)
+        if self.dbp_cfg is not None:
+            mods = decorrelate(self.model, self.dbp_cfg.patterns(), seed=seed,
+                               **self.dbp_cfg.layer_options())
+            self.driver = DBP(mods, every=self.dbp_cfg.every)
         self.model.to(device)
         self.device, self.accum_steps, self.clip_grad = device, cfg.accum_steps, cfg.clip_grad
-        self.peak_lr = cfg.blr * self.effective_batch / 256
-        self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=self.peak_lr,
-                                     betas=(0.9, cfg.beta2), fused=device.type == "cuda")
+        self.peak_lr = self.lr = cfg.blr * self.effective_batch / 256
+        self.optimizers = arm.build_optimizers(self.model, cfg, self.peak_lr, device)
         self.amp_dtype = autocast_dtype(cfg.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
         self.train_model: nn.Module = self.model
@@ -76,8 +81,22 @@ class Learner:
                               enabled=self.amp_dtype is not None)
 
     def set_lr(self, lr: float) -> None:
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        """The schedule's learning rate, for every group of every optimizer."""
+        self.lr = lr
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+    def param_split(self) -> dict[str, dict]:
+        """Which parameters each optimizer steps (run.json records it): name -> tensor and
+        element counts and the parameter names."""
+        name_of = {id(p): n for n, p in self.model.named_parameters()}
+        split = {}
+        for key, opt in self.optimizers.items():
+            params = [p for g in opt.param_groups for p in g["params"]]
+            split[key] = {"tensors": len(params), "numel": sum(p.numel() for p in params),
+                          "names": [name_of[id(p)] for p in params]}
+        return split
 
     def step(self, micro: list[tuple[Tensor, Tensor]]) -> Tensor:
         """Forward and backward over the micro-batches (images, mask noise), the optimiser
@@ -89,24 +108,30 @@ class Learner:
                 loss, _, _ = self.train_model(imgs, noise.to(self.device))
             self.scaler.scale(loss / self.accum_steps).backward()
             total += loss.detach().float() / self.accum_steps
+        opts = self.optimizers.values()
         if self.clip_grad is not None:
-            self.scaler.unscale_(self.opt)
+            for opt in opts:
+                self.scaler.unscale_(opt)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
-        self.scaler.step(self.opt)
+        for opt in opts:
+            self.scaler.step(opt)
         self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
         if self.driver is not None:
             self.driver.step()
         return total
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+        return {"model": self.model.state_dict(),
+                "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
                 "scaler": self.scaler.state_dict(),
                 "dbp": self.driver.state_dict() if self.driver else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
+        for key, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][key])
         self.scaler.load_state_dict(state["scaler"])
         if self.driver is not None:
             self.driver.load_state_dict(state["dbp"])

@@ -291,7 +291,7 @@ def matmul_macs(model: MaskedAutoencoderViT, batch_size: int = 1) -> dict[str, i
     return {k: batch_size * v for k, v in parts.items()}
 
 
-def _tokens_seen(name: str, model: MaskedAutoencoderViT) -> int:
+def tokens_seen(name: str, model: MaskedAutoencoderViT) -> int:
     """Token rows per image through a layer (as `matmul_macs` counts them): every patch for
     the patch embedding, cls + every patch in the decoder, cls + visible in the encoder."""
     if name.startswith("patch_embed"):
@@ -311,6 +311,6 @@ def step_macs(model: MaskedAutoencoderViT, batch_size: int, patterns: Sequence[s
     """
     bp = 3.0 * sum(matmul_macs(model, batch_size).values())
     extra = sum(dbp_extra_macs([(m.weight.shape[0], m.weight[0].numel())],
-                               batch_size * _tokens_seen(name, model), sample_frac, every, fused)
+                               batch_size * tokens_seen(name, model), sample_frac, every, fused)
                 for name, m in (select_layers(model, patterns) if patterns else []))
     return bp, float(extra)

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from dbp import DBP
 from dbp._compat import UnsafeCheckpointError, safe_load
+from dbp.arms import get_arm
 from dbp.config import DataConfig, DBPConfig, EnergyConfig, PretrainConfig, StudyConfig
 from dbp.data import TrainData, prepare_pretrain_data
 from dbp.clock import Clock
@@ -143,16 +144,18 @@ def _matching_checkpoint(out: Path, digest: str, device: torch.device, lead: boo
     return None
 
 
-def step_cost(model, batch: int, dbp_cfg: DBPConfig | None) -> dict[str, float]:
+def step_cost(learner: Learner) -> dict[str, float]:
     """run.json's cost model, so the results side never builds a model (rule 13): MACs of one
-    BP step on the effective batch, and DBP's extra MACs (0 for BP; the identity control,
-    eta = 0, still does the extra work)."""
-    if dbp_cfg is None:
-        bp, extra = step_macs(model, batch, [], 1.0, 1, True)
+    BP step on the effective batch, and the arm's extra MACs: DBP's (the identity control,
+    eta = 0, still does the work) plus its optimizer's matmuls (Muon's Newton-Schulz)."""
+    d, model, batch = learner.dbp_cfg, learner.model, learner.effective_batch
+    if d is None:
+        bp, dbp_extra = step_macs(model, batch, [], 1.0, 1, True)
     else:
-        bp, extra = step_macs(model, batch, dbp_cfg.patterns(), dbp_cfg.sample_frac,
-                              dbp_cfg.every, dbp_cfg.fused)
-    return {"macs_per_step": bp, "extra_macs_per_step": extra}
+        bp, dbp_extra = step_macs(model, batch, d.patterns(), d.sample_frac, d.every, d.fused)
+    opt_extra = learner.arm.optimizer_macs(learner.optimizers)
+    return {"macs_per_step": bp, "extra_macs_per_step": dbp_extra + opt_extra,
+            "dbp_macs_per_step": dbp_extra, "optimizer_macs_per_step": opt_extra}
 
 
 def _load_avg() -> float:
@@ -182,9 +185,8 @@ class RunSpec:
     seed: int
     data: DataConfig
     pretrain: PretrainConfig
-    dbp: DBPConfig | None                # None: plain BP
-    probe_patterns: tuple[str, ...]      # layers whose input correlation validation measures
-    probe_kappa: float
+    dbp: DBPConfig                       # the study's section: the arm derives its settings from
+                                         # it, and validation probes its layers in every arm
     energy: EnergyConfig
     resolved_config: dict                # recorded in run.json; its digest keys the checkpoint
     manifest: Path | None = None         # the train subset (None: sampled from the data by seed)
@@ -193,9 +195,8 @@ class RunSpec:
     @classmethod
     def from_study(cls, cfg: StudyConfig, arm: str, seed: int, out: str | Path,
                    manifest: str | Path | None = None, run_info: dict | None = None) -> RunSpec:
-        return cls(Path(out), arm, seed, cfg.data, cfg.pretrain_for(arm), cfg.dbp_for(arm),
-                   tuple(cfg.dbp.patterns()), cfg.dbp.kappa, cfg.energy, cfg.run_config(arm),
-                   Path(manifest) if manifest else None, run_info or {})
+        return cls(Path(out), arm, seed, cfg.data, cfg.pretrain_for(arm), cfg.dbp, cfg.energy,
+                   cfg.run_config(arm), Path(manifest) if manifest else None, run_info or {})
 
 
 class RunState:
@@ -233,7 +234,7 @@ class RunState:
                 "checkpoint_seconds": clock.excluded_seconds.get("checkpoint", 0.0),
                 "train_loss": train_loss, "val_loss": ev["val_loss"],
                 "energy_kwh": energy["energy_kwh"], "co2_kg": energy["co2_kg"],
-                "lr": self.learner.opt.param_groups[0]["lr"], "decor_loss": ev["decor_loss"],
+                "lr": self.learner.lr, "decor_loss": ev["decor_loss"],
                 "mean_abs_corr": ev["mean_abs_corr"], "cpu_seconds": clock.cpu_seconds, **segment,
                 "measured_kwh": summed_over_ranks(self.gpu.kwh if self.gpu else math.nan,
                                                   self.learner.device)}
@@ -251,10 +252,10 @@ def pretrain(spec: RunSpec) -> dict:
     lead = rank == 0
     if lead:
         out.mkdir(parents=True, exist_ok=True)
-    learner = Learner(cfg, spec.dbp, spec.seed, device, world)  # same init for every arm of a seed
+    learner = Learner(cfg, get_arm(spec.arm), spec.dbp, spec.seed, device, world)  # same init, any arm
     model, batch = learner.model, learner.effective_batch
     data = _data(spec, model.patch_embed.img_size[0], out / "train_manifest.txt" if lead else None)
-    probe = InputCorrelationProbe(model, list(spec.probe_patterns), kappa=spec.probe_kappa)
+    probe = InputCorrelationProbe(model, spec.dbp.patterns(), kappa=spec.dbp.kappa)
     meter = EnergyMeter(enabled=spec.energy.enabled and lead, country_iso_code=spec.energy.country_iso_code,
                         measure_power_secs=spec.energy.measure_power_secs,
                         fallback_watts=spec.energy.fallback_watts, output_dir=out)
@@ -273,7 +274,7 @@ def pretrain(spec: RunSpec) -> dict:
 
     def record(train_loss: float, segment: dict[str, float]) -> dict:
         with clock.excluded("eval"):
-            ev = evaluate(model, data, device, learner.amp_dtype, probe, cfg.batch_size)
+            ev = evaluate(model, data, device, learner.amp_dtype, probe, learner.batch_size)
             run.rows.append(run.row(train_loss, ev, segment, len(data.train)))
             if lead:
                 atomic_write_text(out / "metrics.csv", _csv(run.rows))
@@ -281,7 +282,7 @@ def pretrain(spec: RunSpec) -> dict:
 
     if not run.rows:  # step 0: the untrained model, before the clock starts
         record(math.nan, _segment_stats(0, 0.0, 0.0))
-    stream = micro_batches(data, spec.seed, run.step * cfg.accum_steps, cfg.batch_size, rank, world,
+    stream = micro_batches(data, spec.seed, run.step * cfg.accum_steps, learner.batch_size, rank, world,
                            spec.data.num_workers, device.type == "cuda", model.num_patches)
     bar = _progress(cfg.steps, run.step, lead, f"{spec.arm}/seed{spec.seed}")
     status = "finished"
@@ -341,9 +342,9 @@ def _run_info(spec: RunSpec, learner: Learner, data: TrainData, digest: str, wor
     return {**spec.run_info, "arm": spec.arm, "seed": spec.seed, "status": "running",
             "config": spec.resolved_config, "run_digest": digest, "manifest_hash": data.manifest_hash,
             "train_images": len(data.train), "val_images": len(data.val), "world_size": world,
-            "effective_batch": learner.effective_batch, "peak_lr": learner.peak_lr,
-            "autocast": str(learner.amp_dtype), "device": str(device),
-            **step_cost(learner.model, learner.effective_batch, spec.dbp)}
+            "device_batch": learner.batch_size, "effective_batch": learner.effective_batch,
+            "peak_lr": learner.peak_lr, "autocast": str(learner.amp_dtype), "device": str(device),
+            "optimizers": learner.param_split(), **step_cost(learner)}
 
 
 def _final(spec: RunSpec, learner: Learner, step: int, digest: str) -> dict:
@@ -351,7 +352,7 @@ def _final(spec: RunSpec, learner: Learner, step: int, digest: str) -> dict:
     cfg = spec.pretrain
     return {"model_name": cfg.model, "model_kwargs": {"mask_ratio": cfg.mask_ratio,
                                                       "norm_pix_loss": cfg.norm_pix_loss},
-            "dbp": dataclasses.asdict(spec.dbp) if spec.dbp else None,
+            "dbp": dataclasses.asdict(learner.dbp_cfg) if learner.dbp_cfg else None,
             "state_dict": learner.model.state_dict(), "arm": spec.arm, "seed": spec.seed,
             "step": step, "run_digest": digest}
 

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from dbp import analysis as A
+from dbp.arms import REGISTRY
 from dbp.records import atomic_write_text
 
 PAPER = {"seconds": "21.1 %", "mIoU": "+1.1"}
@@ -100,8 +101,9 @@ def analyze(results_dir: str | Path, study: str, *, level: float = 0.95) -> Anal
 
 
 def ordered_arms(arms: Iterable[str]) -> list[str]:
-    """Distinct arms, known arms first in their usual order, then the rest alphabetically."""
-    known = ["bp", "dbp", "identity", "scratch"]
+    """Distinct arms, the registered ones first in the registry's order (BP, then by name)
+    and the fine-tuning-only "scratch", then the rest alphabetically."""
+    known = [*REGISTRY, "scratch"]
     return sorted(set(arms), key=lambda r: (known.index(r) if r in known else len(known), r))
 
 

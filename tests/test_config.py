@@ -121,3 +121,21 @@ def test_model_and_image_size_are_checked_against_the_presets(raw, message):
         config_from_dict(raw)
     cfg = config_from_dict({"data": {"image_size": 224}, "pretrain": {"model": "mae_vit_small_patch16"}})
     assert cfg.data.image_size == 224
+
+
+def test_global_batch_fixes_the_recipe_whatever_the_gpu_count():
+    """pretrain.global_batch: the per-device batch follows the world size (lr, steps and
+    epochs do not); a count that does not divide it stops the run, naming the key."""
+    pre = config_from_dict({"pretrain": {"batch_size": None, "global_batch": 1024}}).pretrain
+    assert [pre.device_batch(w) for w in (1, 4, 8)] == [1024, 256, 128]
+    accum = config_from_dict({"pretrain": {"batch_size": None, "global_batch": 1024, "accum_steps": 2}})
+    assert accum.pretrain.device_batch(4) == 128
+    with pytest.raises(ConfigError, match=r"^pretrain.global_batch: 1024 does not split into 3 device"):
+        pre.device_batch(3)
+    assert config_from_dict({}).pretrain.device_batch(4) == 64  # batch_size: per device, as before
+    for raw, message in (({"global_batch": 1024}, "set exactly one of batch_size (per device) and global"),
+                         ({"batch_size": None}, "set exactly one of batch_size"),
+                         ({"batch_size": None, "global_batch": 9, "accum_steps": 2},
+                          "9 does not split into 2 accum_steps")):
+        with pytest.raises(ConfigError, match=f"^pretrain.global_batch: {__import__('re').escape(message)}"):
+            config_from_dict({"pretrain": raw})

@@ -111,14 +111,15 @@ def test_arms_are_paired_identity_equals_bp_exactly(imagenet, tmp_path):
     assert runs["dbp"]["extra_macs_per_step"] == runs["id"]["extra_macs_per_step"] > 0  # eta = 0 pays too
 
 
-def test_kill_and_resume_ends_with_the_same_metrics(imagenet, tmp_path, monkeypatch):
+@pytest.mark.parametrize("arm", ["dbp", "muon"])  # muon: two optimizers, both checkpointed
+def test_kill_and_resume_ends_with_the_same_metrics(imagenet, tmp_path, monkeypatch, arm):
     cfg = _cfg(imagenet)
-    _run(cfg, "dbp", tmp_path / "whole")
+    _run(cfg, arm, tmp_path / "whole")
     with monkeypatch.context() as m, pytest.raises(Killed):
         _killed_after(m, 3)  # dies in step 4, after the step-2 checkpoint
-        _run(cfg, "dbp", tmp_path / "broken")
+        _run(cfg, arm, tmp_path / "broken")
     assert not (tmp_path / "broken" / "final.pt").exists()
-    info = _run(cfg, "dbp", tmp_path / "broken")
+    info = _run(cfg, arm, tmp_path / "broken")
     assert info["resumed_from"] == [2]
     _same_non_time(_rows(tmp_path / "whole"), _rows(tmp_path / "broken"))
 

@@ -81,8 +81,11 @@ def test_paper_dry_run_with_fake_imagenet_and_ade20k(tmp_path):
     paths.write_text(yaml.safe_dump({"data": {"root": str(tmp_path / "imagenet")},
                                      "finetune": {"root": str(tmp_path / "ade")}}))
     jobs = _dry_run_jobs(tmp_path, "--configfile", _config("paper.yaml"), str(paths))
-    assert jobs == {"all": 1, "study_config": 1, "subset_manifest": 12, "pretrain": 11 + 6 + 6 + 24 + 6,
-                    "select": 1, "stepcost": 1, "export": 6, "finetune": 9, "summarize": 1, "figures": 1}
+    # every registered arm: BP on 6 scored + 5 target seeds, 6 more arms on 6; the 6 tuned arms
+    # (all but identity) get the ladder (2 scales x 6 seeds), 3 LRs and 3 fine-tuned seeds
+    assert jobs == {"all": 1, "study_config": 1, "subset_manifest": 12,
+                    "pretrain": 11 + 6 * 6 + 6 * 12 + 6 * 3, "select": 1, "stepcost": 1,
+                    "export": 6 * 3, "finetune": 7 * 3, "summarize": 1, "figures": 1}
 
 
 @pytest.mark.parametrize("override,message", [
