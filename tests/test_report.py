@@ -47,7 +47,7 @@ def _rows(path) -> dict[str, list[str]]:
 
 def test_report_files(written, study):
     names = {p.name for p in written}
-    for table in ("headline", "relaxed", "per_seed", "overhead", "tuning", "budgets", "sweep"):
+    for table in ("headline", "arms", "relaxed", "per_seed", "overhead", "tuning", "budgets", "sweep"):
         assert {f"{table}.md", f"{table}.tex"} <= names
     assert {"time_to_target.csv", "comparisons.csv", "segments.csv", "budget_runs.csv"} <= names
     assert not list(study.glob(".*.tmp"))
@@ -93,6 +93,11 @@ def test_per_seed_overhead_tuning_budget_rows(written, study):
     assert "45.0 s (interpolated)" in budgets and "31.2 s (at most)" in budgets
     relaxed = _rows(study / "relaxed.md")
     assert [r.split()[0] for r in relaxed] == ["+0%", "+1%", "+2%", "+5%"]
+    arms = _rows(study / "arms.md")  # every arm beside BP: dbp as in the headline, the control
+    assert list(arms) == ["dbp", "identity"]
+    assert arms["dbp"][2] == "1.44x [1.44x, 1.44x] (range of 2 seeds)" and arms["dbp"][6] == "tuned arm"
+    assert arms["dbp"][4] == f"{(2 ** 4 * 40 / 30) ** 0.2:.2f}x" and arms["dbp"][5] == "not measured"
+    assert arms["identity"][2] == "n/a (no budget ladder)" and arms["identity"][6] == "control of bp"
 
 
 def test_readme_block_is_filled_from_the_headline(study, tmp_path):

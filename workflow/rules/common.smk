@@ -76,11 +76,12 @@ def encoder_of(w):
 
 REPORT_TABLES = {  # table -> report subcategory
     "headline": "1 headline",
-    "per_seed": "2 every seed",
-    "overhead": "3 step cost and contention",
-    "budgets": "4 budget ladder",
-    "relaxed": "5 relaxed targets",
-    "tuning": "6 tuning",
+    "arms": "2 every arm",
+    "per_seed": "3 every seed",
+    "overhead": "4 step cost and contention",
+    "budgets": "5 budget ladder",
+    "relaxed": "6 relaxed targets",
+    "tuning": "7 tuning",
 }
 
 
