@@ -11,8 +11,9 @@ process CPU time, disturbed rounds (another process on the cores), the split int
 backward / optimizer / R update, and the ratio the analytic MAC model predicts (DBP's
 extra work and the optimizer's matmuls, Muon's Newton-Schulz).
 
-    python benchmarks/dbp_step_cost.py            # bench preset, batch 128, 40 rounds (5.3 min on the faster 2-core box)
-    python benchmarks/dbp_step_cost.py --quick    # tiny preset, 4 rounds: a check that it runs
+    python benchmarks/dbp_step_cost.py               # DBP's cost variants (COST_ARMS), bench preset, batch 128, 30 rounds
+    python benchmarks/dbp_step_cost.py --arms all    # every row: the variants and the registered arms
+    python benchmarks/dbp_step_cost.py --quick       # tiny preset, 4 rounds: a check that it runs
 """
 from __future__ import annotations
 
@@ -80,6 +81,10 @@ ARMS = [
     Arm("fusion_only_floor", [ENCODER], update=False),
     *(registered(name) for name in ("dbp_ref", "muon", "cadamw", "dbp_muon")),
 ]
+
+# The rows the cost targets are about (the default run); `--arms all` adds the rest.
+COST_ARMS = ["bp", "dbp_fused_f0.1", "dbp_fused_f0.1_k4", "fusion_only_floor", "identity_eta0",
+             "dbp_unfused_f0.1"]
 
 
 class Runner:
@@ -178,9 +183,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="mae_vit_bench_patch4_32")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=40, help="timed rounds (one turn per arm each)")
+    ap.add_argument("--rounds", type=int, default=30, help="timed rounds (one turn per arm each)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--arms", nargs="*", default=[a.name for a in ARMS])
+    ap.add_argument("--arms", nargs="*", default=COST_ARMS, help=f"rows, or 'all': {[a.name for a in ARMS]}")
     ap.add_argument("--quick", action="store_true", help="tiny preset, batch 16, 4 rounds")
     ap.add_argument("--out", help="also write the per-turn records (CSV) here")
     ap.add_argument("--profile-steps", type=int, default=5,
@@ -194,7 +199,10 @@ def main() -> None:
 
     torch.manual_seed(0)
     base = build_mae(args.preset).to(device)
-    arms = [a for a in ARMS if a.name in args.arms]
+    unknown = set(args.arms) - {a.name for a in ARMS} - {"all"}
+    if unknown:
+        ap.error(f"unknown rows {sorted(unknown)}; choose from {[a.name for a in ARMS]} or 'all'")
+    arms = [a for a in ARMS if a.name in args.arms or "all" in args.arms]
     runners = {a.name: Runner(a, base, lr=1e-3) for a in arms}
     img, L = base.patch_embed.img_size, base.patch_embed.num_patches
     gen = torch.Generator().manual_seed(0)
