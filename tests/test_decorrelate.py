@@ -218,7 +218,7 @@ def _null_growth(steps, d=32, **options):
 
 
 def test_plain_rule_grows_along_null_directions_as_predicted():
-    """method hazard (dbp-proto.md section 4): at kappa = 0.5, R u grows as (1 + eta kappa)^t."""
+    """The null-direction hazard (docs/method.md, stabilize): at kappa = 0.5, R u grows as (1 + eta kappa)^t."""
     along, _, _ = _null_growth(500, kappa=0.5, decor_lr=1e-2)
     assert along == pytest.approx((1 + 1e-2 * 0.5) ** 500, rel=0.01)  # about 12.1
 
