@@ -25,6 +25,7 @@ include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/tuning.smk"
 include: "workflow/rules/stepcost.smk"
 include: "workflow/rules/finetune.smk"
+include: "workflow/rules/probe.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -41,6 +41,7 @@ COSTS = {"seconds": "wall-clock (steps x step time)", "train_seconds": "wall-clo
          "cpu_seconds": "CPU time", "step": "steps", "flops": "FLOPs", "energy_kwh": "energy",
          "sustained_seconds": "wall-clock, sustained crossing (steps x step time)"}
 FINETUNE_METRICS = ["mIoU", "mAcc", "aAcc", "iterations", "train_seconds", "energy_kwh", "co2_kg"]
+PROBE_METRICS = ["mIoU", "aAcc", "heads", "features", "seconds"]
 IOU = "iou."
 
 
@@ -130,16 +131,28 @@ def load_pretrain(results_dir: str | Path, runs: pd.DataFrame | None = None) -> 
     return pd.concat(frames, ignore_index=True)[RUN_KEYS + METRICS + OPTIONAL]
 
 
-def load_finetune(results_dir: str | Path) -> pd.DataFrame:
-    """One row per fine-tune run (metrics.json), per-class IoU as `iou.<class>` columns."""
+def _load_downstream(results_dir: str | Path, stage: str, metrics: list[str]) -> pd.DataFrame:
+    """One row per run of a downstream stage (its metrics.json under <stage>/<encoder>/seed<s>),
+    per-class IoU as `iou.<class>` columns; `run_id` names the encoder (arm, equal-compute run
+    or scratch), `arm` the method that trained it."""
     rows = []
-    for run_id, seed, d in _seed_dirs(Path(results_dir) / "finetune"):
-        m = _read_json(d / "metrics.json", [*FINETUNE_METRICS, "per_class_iou"], seed)
+    for run_id, seed, d in _seed_dirs(Path(results_dir) / stage):
+        m = _read_json(d / "metrics.json", [*metrics, "per_class_iou"], seed)
         rows.append({"run_id": run_id, "arm": m.get("arm", run_id.split("__")[0]), "seed": seed,
-                     **{k: m[k] for k in FINETUNE_METRICS},
+                     **{k: m[k] for k in metrics},
                      **{IOU + k: v for k, v in m["per_class_iou"].items()}})
-    cols = ["run_id", "arm", "seed", *FINETUNE_METRICS]
+    cols = ["run_id", "arm", "seed", *metrics]
     return pd.DataFrame(rows) if rows else pd.DataFrame(columns=cols)
+
+
+def load_finetune(results_dir: str | Path) -> pd.DataFrame:
+    """One row per fine-tune run (UperNet, dbp.segment)."""
+    return _load_downstream(results_dir, "finetune", FINETUNE_METRICS)
+
+
+def load_probe(results_dir: str | Path) -> pd.DataFrame:
+    """One row per linear-probe run (frozen encoder, dbp.seg_probe)."""
+    return _load_downstream(results_dir, "probe", PROBE_METRICS)
 
 
 def _number(value):
@@ -500,16 +513,36 @@ def overhead(seg: pd.DataFrame, runs: pd.DataFrame, curves: pd.DataFrame,
 
 # ----------------------------------------------------------------------------- fine-tuning
 
-def miou(finetune: pd.DataFrame, arms: Sequence[str], level: float = 0.95) -> pd.DataFrame:
-    """mIoU per encoder, and paired differences (points as fractions) of each arm against
-    BP and against scratch over the seeds both have (stats.diff_summary)."""
-    by = {a: g.set_index("seed")["mIoU"] for a, g in finetune.groupby("run_id")}
+def miou(downstream: pd.DataFrame, arms: Sequence[str], level: float = 0.95) -> pd.DataFrame:
+    """mIoU per encoder (fine-tunes or probes), and paired differences (points as fractions)
+    of each arm against BP, against BP given the arm's wall-clock (its equal-compute run, where
+    there is one) and against scratch, over the seeds both have (stats.diff_summary)."""
+    from dbp.downstream import equal_compute_id
+    by = {a: g.set_index("seed")["mIoU"] for a, g in downstream.groupby("run_id")}
     rows = []
     for arm in arms:
-        for ref in ("bp", "scratch"):
+        for ref in (BASELINE, equal_compute_id(arm), "scratch"):
             if arm == ref or arm not in by or ref not in by:
                 continue
             d = (by[arm] - by[ref]).dropna()
             rows.append({"arm": arm, "vs": ref, "arm_mean": float(by[arm].mean()),
                          "vs_mean": float(by[ref].mean()), **S.diff_summary(d.to_numpy(float), level)})
     return pd.DataFrame(rows)
+
+
+def pretrain_seconds(runs: pd.DataFrame, step_sec: pd.Series) -> pd.DataFrame:
+    """Per pre-training run of any role: its planned steps x its arm's seconds per step (the
+    headline's time basis), what the run's encoder cost to make."""
+    return runs.assign(seconds=runs["planned_steps"] * runs["arm"].map(step_sec))[
+        ["run_id", "arm", "seed", "role", "planned_steps", "seconds"]]
+
+
+def per_class_iou(downstream: pd.DataFrame) -> pd.DataFrame:
+    """Per encoder and class: the mean IoU over seeds and the number of seeds it is defined on
+    (a class absent from labels and predictions is not)."""
+    cols = [c for c in downstream.columns if c.startswith(IOU)]
+    long = downstream.melt(id_vars=["run_id"], value_vars=cols, var_name="class", value_name="iou")
+    long["class"] = long["class"].str.removeprefix(IOU)
+    long["iou"] = pd.to_numeric(long["iou"])
+    return (long.groupby(["run_id", "class"], sort=False)["iou"].agg(["mean", "count"])
+            .rename(columns={"mean": "iou", "count": "n"}).reset_index())

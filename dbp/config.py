@@ -184,6 +184,36 @@ class FinetuneConfig:
         return {k: getattr(self, k) for k in OVERRIDABLE if getattr(self, k) is not None}
 
 
+@_section
+class ProbeConfig:
+    """Linear segmentation probe of each frozen encoder (dbp.seg_probe) on the fine-tuning data
+    (finetune.kind, root): the downstream measure that separates encoders where fine-tuning
+    from scratch matches fine-tuning a pre-trained encoder (docs/downstream.md)."""
+    enabled: Bool = True
+    seeds: Count = 6                       # probe the encoders of the first N scored seeds
+    heads: Count = 3                       # head seeds per encoder; its score is their mean
+    train_images: Count = 250              # a fixed sample of the training images, every arm alike
+    steps: Count = 1000                    # AdamW steps per head
+    lr: PosFloat = 1e-2                    # peak lr (one cycle)
+    batch_tokens: Count = 1024             # patches per step
+    blocks: tuple[Index, ...] | None = None  # blocks whose outputs are concatenated (None: UperNet's)
+    whiten: Bool = False                   # whiten the features instead of standardising each
+    tiles: Count = 2                       # each image is resized to tiles x tiles encoder inputs
+    equal_compute: tuple[Str, ...] = ("dbp",)  # also pre-train BP for each one's wall-clock, and probe it
+
+    def validate(self, key: str, depth: int) -> None:
+        blocks = self.blocks or ()
+        _require(bool(self.blocks) or depth >= 4, f"{key}.blocks",
+                 f"name the blocks to probe: UperNet's 4 taps need 4 blocks, the encoder has {depth}")
+        _require(all(b < depth for b in blocks) and len(set(blocks)) == len(blocks), f"{key}.blocks",
+                 f"must be distinct blocks of the {depth}-block encoder, got {list(blocks)}")
+
+    def recipe(self) -> dict[str, Any]:
+        """The settings that decide a probe's score (not which encoders are probed)."""
+        return {k: getattr(self, k) for k in ("heads", "train_images", "steps", "lr",
+                                               "batch_tokens", "blocks", "whiten", "tiles")}
+
+
 Grid = dict[Str, tuple[Any, ...]]  # dotted key -> values
 
 
@@ -295,6 +325,7 @@ class StudyConfig:
     dbp: DBPConfig = field(default_factory=DBPConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     budgets: BudgetsConfig = field(default_factory=BudgetsConfig)
     stepcost: StepCostConfig = field(default_factory=StepCostConfig)
@@ -314,6 +345,11 @@ class StudyConfig:
                  f"must be <= the {len(self.seeds.scored)} scored seeds")
         _require(self.finetune.seeds <= len(self.seeds.scored), "finetune.seeds",
                  f"must be <= the {len(self.seeds.scored)} scored seeds")
+        _require(self.probe.seeds <= len(self.seeds.scored), "probe.seeds",
+                 f"must be <= the {len(self.seeds.scored)} scored seeds")
+        _require(not self.probe.enabled or set(self.probe.equal_compute) <= set(self.tuned_arms()) - {"bp"},
+                 "probe.equal_compute", f"BP gets the wall-clock of tuned arms of the study "
+                 f"{sorted(set(self.tuned_arms()) - {'bp'})}, got {list(self.probe.equal_compute)}")
         for arm in self.arms:
             key = f"arm_overrides.{arm}.model" if "model" in self.arm_overrides.get(arm, {}) \
                 else "pretrain.model"
@@ -324,6 +360,8 @@ class StudyConfig:
             if self.finetune.enabled:
                 _require(PRESETS[model]["depth"] >= 4, key,
                          "fine-tuning (UperNet) needs at least 4 encoder blocks")
+            if self.probe.enabled:
+                self.probe.validate("probe", PRESETS[model]["depth"])
         for arm in self.arm_overrides:
             self.pretrain_for(arm)  # validates the merged section
         for name, sweep in self.sweeps.items():

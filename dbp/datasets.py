@@ -64,8 +64,8 @@ def random_resized_crop(rng: np.random.Generator, width: int, height: int,
     return left, top, left + w, top + h
 
 
-def _normalise(img: Image.Image) -> torch.Tensor:
-    """CHW float32 with ImageNet mean/std."""
+def normalise(img: Image.Image | np.ndarray) -> torch.Tensor:
+    """CHW float32 with ImageNet mean/std (what pre-training feeds the encoder)."""
     x = (np.asarray(img, np.float32) / 255 - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
     return torch.from_numpy(x.transpose(2, 0, 1).copy())
 
@@ -133,7 +133,7 @@ class ImageFolderDataset(Dataset):
         img = self._load_or_substitute(index)
         size = (self.image_size, self.image_size)
         if not self.train:
-            return _normalise(img.resize(size, Image.BICUBIC)), index
+            return normalise(img.resize(size, Image.BICUBIC)), index
         if self._epoch_seed is None:
             raise RuntimeError("call set_epoch(epoch, seed) before reading training samples")
         epoch, seed = self._epoch_seed
@@ -141,7 +141,7 @@ class ImageFolderDataset(Dataset):
         img = img.resize(size, Image.BICUBIC, box=random_resized_crop(rng, *img.size))
         if rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return _normalise(img), index
+        return normalise(img), index
 
 
 def read_class_names(ade_root: str | Path) -> list[str]:

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from dbp import analysis as A
 from dbp.arms import REGISTRY, controls
 from dbp.records import atomic_write
-from dbp.report import Analysis, analyze
+from dbp.report import Analysis, analyze, ordered_arms
 
 SIZE, DPI = (6.4, 4.8), 150
 # Fixed per arm everywhere, as each arm declares it (dbp/arms/); scratch is fine-tuning's.
@@ -201,6 +201,39 @@ def fig_miou(a: Analysis) -> Made:
     return fig, pd.DataFrame(rows)
 
 
+def fig_downstream(a: Analysis) -> Made:
+    """Downstream mIoU of every encoder against what its pre-training cost (steps x step
+    time; scratch at 0), per seed, the linear probe and the fine-tune side by side; None
+    without either. Colour: the method that trained the encoder; diamonds: BP given another
+    arm's wall-clock."""
+    panels = [(t, df) for t, df in (("linear probe", a.probe), ("fine-tune (UperNet)", a.finetune))
+              if len(df)]
+    if not panels:
+        return None
+    fig, axes = _new(a, "Downstream score against pre-training cost",
+                     "Small marks: seeds; large: the mean. Linear probe: a linear head on the frozen "
+                     "encoder's standardised patch features; fine-tune: UperNet, the paper's protocol. "
+                     "Pre-training time = steps x the arm's seconds per step.", ncols=len(panels))
+    cost = a.encoder_seconds[["run_id", "seed", "seconds"]].rename(columns={"seconds": "cost"})
+    rows = []
+    for ax, (title, df) in zip(axes, panels):
+        d = df.merge(cost, on=["run_id", "seed"], how="left").fillna({"cost": 0.0})  # scratch: none
+        for run_id in ordered_arms(d["run_id"]):
+            g = d[d["run_id"] == run_id]
+            arm = g["arm"].iloc[0]
+            style = dict(marker="o" if run_id in (arm, "scratch") else "D", color=_color(arm), ls="none")
+            ax.plot(g["cost"], 100 * g["mIoU"], ms=3, alpha=0.5, **style)
+            ax.plot(g["cost"].mean(), 100 * g["mIoU"].mean(), ms=8, mec="k", label=run_id, **style)
+            rows.append({"measure": title, "run_id": run_id, "arm": arm, "seconds": g["cost"].mean(),
+                         "mIoU": g["mIoU"].mean(), "n": len(g)})
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("pre-training (s, steps x step time)")
+        ax.set_ylabel("mIoU (points)")
+        ax.grid(alpha=0.3)
+    _legend(fig, axes[0])
+    return fig, pd.DataFrame(rows)
+
+
 # ----------------------------------------------------------------------------- writer
 
 FIGURES: dict[str, Callable[[Analysis], Made]] = {
@@ -211,6 +244,7 @@ FIGURES: dict[str, Callable[[Analysis], Made]] = {
     "time_to_target": fig_time_to_target,
     "energy_to_target": fig_energy,
     "miou": fig_miou,
+    "downstream": fig_downstream,
 }
 
 

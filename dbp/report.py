@@ -47,7 +47,10 @@ class Analysis:
     tuning: pd.DataFrame
     sweep: pd.DataFrame
     selected: dict | None
-    miou: pd.DataFrame
+    miou: pd.DataFrame          # fine-tune mIoU differences (arm vs BP, equal-compute BP, scratch)
+    probe: pd.DataFrame         # linear-probe runs (frozen encoders)
+    probe_diffs: pd.DataFrame   # linear-probe mIoU differences, as `miou`
+    encoder_seconds: pd.DataFrame  # per pre-training run: steps x step time (any role)
     arms: list[str]
     hardware: str
     level: float
@@ -75,7 +78,8 @@ def analyze(results_dir: str | Path, study: str, *, level: float = 0.95) -> Anal
     runs = A.load_runs(results_dir)
     if runs.empty:
         raise ValueError(f"{results_dir}: no pre-training runs")
-    curves, finetune = A.load_pretrain(results_dir, runs), A.load_finetune(results_dir)
+    curves, finetune, probe = A.load_pretrain(results_dir, runs), A.load_finetune(results_dir), \
+        A.load_probe(results_dir)
     done = A.final(runs)
     target, n_target = A.target_loss(curves[curves["status"].isin(A.FINAL)])
     seg = A.segments(curves, runs)
@@ -96,8 +100,15 @@ def analyze(results_dir: str | Path, study: str, *, level: float = 0.95) -> Anal
                                           for r, t in A.relaxed_targets(target).items()], ignore_index=True),
         tuning=A.tuning_table(runs, curves), sweep=A.tuning_table(runs, curves, role="sweep"),
         selected=json.loads(sel_path.read_text()) if sel_path.is_file() else None,
-        miou=A.miou(finetune, [a for a in arms if a != "identity"]) if len(finetune) else pd.DataFrame(),
-        arms=arms, hardware=_hardware(runs), level=level)
+        miou=_differences(finetune, level), probe=probe, probe_diffs=_differences(probe, level),
+        encoder_seconds=A.pretrain_seconds(runs, step_sec), arms=arms, hardware=_hardware(runs),
+        level=level)
+
+
+def _differences(downstream: pd.DataFrame, level: float) -> pd.DataFrame:
+    """`A.miou` for every pre-trained encoder of a downstream table (not scratch)."""
+    encoders = [r for r in ordered_arms(downstream["run_id"]) if r != "scratch"]
+    return A.miou(downstream, encoders, level) if len(downstream) else pd.DataFrame()
 
 
 def ordered_arms(arms: Iterable[str]) -> list[str]:
@@ -170,7 +181,7 @@ def headline_table(a: Analysis, arm: str = "dbp") -> pd.DataFrame:
         r = cmp.loc[metric]
         paper = "–"
         rows.append(_speedup_row(label, r, paper))
-    rows += _miou_rows(a, arm)
+    rows += _miou_rows(a.miou, arm, "mIoU") + _miou_rows(a.probe_diffs, arm, "Linear-probe mIoU")
     return pd.DataFrame(rows)
 
 
@@ -191,15 +202,40 @@ def _budget_row(a: Analysis, arm: str, relax: float = 0.0) -> dict:
     return _speedup_row(PRIMARY, r, PAPER["seconds"])
 
 
-def _miou_rows(a: Analysis, arm: str) -> list[dict]:
+def _miou_rows(diffs: pd.DataFrame, arm: str, what: str) -> list[dict]:
+    """Headline rows: the arm's paired `what` change against each reference; the paper's
+    +1.1 beside the fine-tuned one against BP only."""
     rows = []
-    for r in a.miou[a.miou["arm"] == arm].to_dict("records") if len(a.miou) else []:
-        pts = lambda x: _num(100 * x, "+.2f")  # noqa: E731
-        rows.append({"Quantity": f"mIoU change vs {r['vs']} (points)",
-                     "Ours [interval]": f"{pts(r['mean'])} {_interval(r, pts)}",
-                     "Reduction": "–", "Paper": PAPER["mIoU"] if r["vs"] == "bp" else "–",
+    for r in diffs[diffs["arm"] == arm].to_dict("records") if len(diffs) else []:
+        rows.append({"Quantity": f"{what} change vs {r['vs']} (points)",
+                     "Ours [interval]": f"{_points(r['mean'])} {_interval(r, _points)}",
+                     "Reduction": "–",
+                     "Paper": PAPER["mIoU"] if (what, r["vs"]) == ("mIoU", "bp") else "–",
                      "Seeds": str(r["n"]), "Exact paired test": f"p = {r['p_value']:.3g} (sign-flip)"})
     return rows
+
+
+def _points(x: float) -> str:
+    return _num(100 * x, "+.2f")
+
+
+def downstream_table(a: Analysis) -> pd.DataFrame:
+    """Every downstream comparison, probe then fine-tune: each encoder against scratch, BP
+    and BP given its wall-clock, as paired differences over seeds, beside what each encoder's
+    pre-training cost (steps x step time)."""
+    cost = a.encoder_seconds.groupby("run_id")["seconds"].mean()
+    rows = []
+    for what, diffs in (("Linear probe (frozen encoder)", a.probe_diffs),
+                        ("Fine-tune (UperNet, the paper's protocol)", a.miou)):
+        for r in diffs.to_dict("records") if len(diffs) else []:
+            rows.append({"Measure": what, "Encoder": r["arm"], "Against": r["vs"],
+                         "Pre-training (s)": f"{_num(cost.get(r['arm'], math.nan), '.1f')} vs "
+                                             f"{_num(cost.get(r['vs'], 0.0), '.1f')}",
+                         "mIoU (points)": f"{100 * r['arm_mean']:.2f} vs {100 * r['vs_mean']:.2f}",
+                         "Difference (points) [interval]": f"{_points(r['mean'])} {_interval(r, _points)}",
+                         "Seeds": str(r["n"]), "Exact paired test": f"p = {r['p_value']:.3g} (sign-flip)"})
+    return pd.DataFrame(rows, columns=["Measure", "Encoder", "Against", "Pre-training (s)", "mIoU (points)",
+                                       "Difference (points) [interval]", "Seeds", "Exact paired test"])
 
 
 def arms_table(a: Analysis) -> pd.DataFrame:
@@ -398,6 +434,16 @@ def _flags(a: Analysis) -> str:
     return " ".join(out)
 
 
+def _downstream_note(a: Analysis) -> str:
+    """What the two downstream measures are, for the captions (empty without a probe)."""
+    if a.probe.empty:
+        return ""
+    kind = "/".join(sorted(set(a.probe["features"])))
+    return (f" Linear probe: a linear head on the frozen encoder's patch features ({kind}), "
+            f"{int(a.probe['heads'].iloc[0])} head seeds per encoder, {a.probe['seconds'].mean():.1f} s "
+            "per encoder (docs/downstream.md). mIoU: UperNet fine-tuned (the paper's protocol).")
+
+
 def _time_basis(a: Analysis) -> str:
     """How steps become seconds in this study's headline."""
     if len(a.step_cost):
@@ -433,7 +479,7 @@ def _captions(a: Analysis) -> dict[str, tuple[str, str]]:
                      "validation point at or below the target inside the base-budget run. Energy: "
                      f"{a.energy_kind}" + (" (codecarbon's TDP x load estimate: a rescaled "
                      "clock, not comparable with the paper's 21.4 % CO2)" if a.energy_kind ==
-                     "modelled" else "") + f". {_flags(a)}"),
+                     "modelled" else "") + f".{_downstream_note(a)} {_flags(a)}"),
         "per_seed": ("Every scored seed at the target", f"{common} Speed-up at the primary "
                      "wall-clock; shared segments = timed segments where another process used "
                      "the cores."),
@@ -445,6 +491,12 @@ def _captions(a: Analysis) -> dict[str, tuple[str, str]]:
                      "effect); CPU use = process CPU seconds per wall second; mean power = "
                      "energy / training time."),
         "relaxed": ("Relaxed targets", f"{common} DBP's primary speed-up at target x (1 + r)."),
+        "downstream": ("Downstream: which encoder is better", f"{common}{_downstream_note(a)} "
+                       "Differences are paired per scored seed (the encoders of one seed share "
+                       "data subset, initial weights and batches): mean, t interval or range below "
+                       "5 seeds, exact sign-flip test. Pre-training (s) = steps x the arm's seconds "
+                       "per step (" + _time_basis(a) + "); scratch is a random init. "
+                       "Per-class IoU: per_class_iou.csv."),
         "arms": ("Every arm against BP", f"{common} Speed-up T_BP / T_arm read off the budget "
                  "curves (time = steps x " + _time_basis(a) + "), as the headline's primary row; "
                  "steps to target at the first crossing (geometric mean); step time as the "
@@ -469,7 +521,7 @@ def write_report(results_dir: str | Path, study_name: str, readme: str | Path | 
     out = Path(results_dir)
     a = analyze(out, study_name, **analyze_kwargs)
     tables = {"headline": headline_table(a), "arms": arms_table(a), "relaxed": relaxed_table(a),
-              "per_seed": per_seed_table(a),
+              "per_seed": per_seed_table(a), "downstream": downstream_table(a),
               "overhead": overhead_table(a), "tuning": tuning_display(a, a.tuning),
               "budgets": budgets_display(a), "sweep": tuning_display(a, a.sweep)}
     texts = {}
@@ -477,8 +529,13 @@ def write_report(results_dir: str | Path, study_name: str, readme: str | Path | 
         texts[f"{name}.md"] = to_markdown(tables[name], title, caption)
         texts[f"{name}.tex"] = to_latex(tables[name], title, caption, f"tab:{study_name}-{name}")
         texts[f"{name}.html"] = to_html(tables[name], title, caption)
+    classes = pd.concat([A.per_class_iou(df).assign(measure=m) for m, df in
+                         (("probe", a.probe), ("finetune", a.finetune)) if len(df)] or [pd.DataFrame()])
     for name, df in {"pretrain_runs": a.curves, "finetune_runs": a.finetune, "time_to_target": a.ttt,
-                     "comparisons": a.comparisons, "segments": a.segments, "budget_runs": a.budgets}.items():
+                     "comparisons": a.comparisons, "segments": a.segments, "budget_runs": a.budgets,
+                     "probe_runs": a.probe, "per_class_iou": classes,
+                     "downstream": pd.concat([a.probe_diffs.assign(measure="probe"),
+                                              a.miou.assign(measure="finetune")])}.items():
         texts[f"{name}.csv"] = df.to_csv(index=False)
     for name, text in texts.items():
         atomic_write_text(out / name, text)

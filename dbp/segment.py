@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +72,12 @@ class PerClassIoUMetric(IoUMetric):
         names = self.dataset_meta["classes"]
         self.summary = {"aAcc": float(inter.sum() / label.sum()),
                         "mIoU": float(np.nanmean(iou)), "mAcc": float(np.nanmean(acc)),
-                        "per_class_iou": _by_name(names, iou),
-                        "per_class_acc": _by_name(names, acc)}
+                        "per_class_iou": by_name(names, iou),
+                        "per_class_acc": by_name(names, acc)}
         return metrics
 
 
-def _by_name(names: list[str], values: np.ndarray) -> dict[str, float | None]:
+def by_name(names: list[str], values: np.ndarray) -> dict[str, float | None]:
     """{class: value}, NaN as None (JSON has no NaN)."""
     return {n: None if np.isnan(v) else float(v) for n, v in zip(names, values, strict=True)}
 
@@ -214,7 +214,7 @@ def ade_root(kind: str, root: str | Path, embedded_seed: int) -> Path:
     return Path(root)
 
 
-def _pretrained_info(pretrained: Path | None, model_name: str) -> dict[str, Any]:
+def pretrained_info(pretrained: Path | None, model_name: str) -> dict[str, Any]:
     """Check an export before any training (FileNotFoundError / ExportError); describe it."""
     if pretrained is None:
         return {"pretrained": None, "arm": "scratch"}
@@ -237,25 +237,26 @@ def _train_stems(ade: Path, out: Path, fraction: float, seed: int,
 
 
 def run_digest(cfg: dict, pretrained: Path | None) -> str:
-    """Digest of everything that decides a fine-tune: the Runner config (data, model, seed,
-    schedule) and the bytes of the encoder it starts from."""
+    """Digest of everything that decides a downstream run: its config (for a fine-tune the
+    Runner config: data, model, seed, schedule) and the bytes of the encoder it starts from."""
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
     if pretrained is not None:
         h.update(pretrained.read_bytes())
     return h.hexdigest()
 
 
-def _previous(out: Path, digest: str) -> dict | None:
-    """metrics.json of a finished run in `out` made with this digest, else None. State made
-    with another digest (config, seed or encoder changed) is deleted, never resumed or reused."""
+def previous_run(out: Path, digest: str, stage: str, state: Iterable[Path] = ()) -> dict | None:
+    """metrics.json of a finished `stage` run in `out` made with this digest, else None.
+    metrics.json and the resumable `state` files made with another digest (config, seed or
+    encoder changed) are deleted, never resumed or reused."""
     try:
         info = json.loads((out / "run.json").read_text())
     except (OSError, ValueError):
         return None
     if info.get("run_digest") != digest:
-        print(f"[finetune] {out} holds a run made with a different config or encoder (digest "
+        print(f"[{stage}] {out} holds a run made with a different config or encoder (digest "
               f"{str(info.get('run_digest'))[:12]} != {digest[:12]}): starting over", flush=True)
-        for stale in [out / "metrics.json", out / "last_checkpoint", *out.glob("iter_*.pth")]:
+        for stale in [out / "metrics.json", *state]:
             stale.unlink(missing_ok=True)
         return None
     if info.get("status") != "finished" or not (out / "metrics.json").is_file():
@@ -279,7 +280,7 @@ def finetune(out_dir: str | Path, *, recipe: SegPreset, pretrained: str | Path |
     """
     out = Path(out_dir)
     ade = Path(data_root)
-    pre = _pretrained_info(Path(pretrained) if pretrained is not None else None, model_name)
+    pre = pretrained_info(Path(pretrained) if pretrained is not None else None, model_name)
     out.mkdir(parents=True, exist_ok=True)
     stems = _train_stems(ade, out, fraction, seed, manifest)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -289,7 +290,7 @@ def finetune(out_dir: str | Path, *, recipe: SegPreset, pretrained: str | Path |
                            pretrained=pretrained, seed=seed, fraction=fraction,
                            num_workers=num_workers, world_size=world, on_gpu=on_gpu)
     digest = run_digest(cfg, Path(pretrained) if pretrained is not None else None)
-    done = _previous(out, digest)
+    done = previous_run(out, digest, "finetune", [out / "last_checkpoint", *out.glob("iter_*.pth")])
     if done is not None:
         return done
     resume = (out / "last_checkpoint").exists()

@@ -11,6 +11,9 @@ segment of BP seed 1 that another process slowed 10x (CPU use 0.5: shared).
 - Tuning (seed 200): bp__blr=0.01 final 0.60, bp__blr=0.02 final 0.55, dbp__blr=0.01 final
   0.50, dbp__blr=0.02 diverged: winners bp 0.02, dbp 0.01; identity copies bp.
 - Budgets on seeds 0, 1: 25 and 75 steps; BP finals 0.60 / 0.48, DBP 0.50 / 0.43.
+- Downstream (seeds 0-2): the equal-compute BP run bp__equal_compute_dbp (role "downstream",
+  62 planned steps = DBP's 50 x 1.25 s / 1 s) and linear-probe records of every encoder: DBP
+  beats BP by 3, 3, 2 points and BP at DBP's wall-clock by 2.5, 2.5, 2.
 """
 import json
 import math
@@ -30,6 +33,9 @@ DBP_LATE = [2.0, 0.8, 0.60, 0.50, 0.53, 0.44]  # first at 30, rises again: susta
 SEC = {"bp": 1.0, "dbp": 1.25, "identity": 1.25}
 BATCH, KWH_PER_S = 64, 1e-3
 MIOU = {"bp": [0.30, 0.32, 0.34], "dbp": [0.31, 0.335, 0.35], "scratch": [0.10, 0.12, 0.11]}
+EQUAL = "bp__equal_compute_dbp"
+PROBE = {"bp": [0.24, 0.23, 0.25], "dbp": [0.27, 0.26, 0.27], EQUAL: [0.245, 0.235, 0.25],
+         "scratch": [0.21, 0.21, 0.22]}
 
 
 def _metrics(losses, sec, slow_segment: int | None = None) -> pd.DataFrame:
@@ -71,6 +77,14 @@ def write_finetune(root, arm, seed, miou):
         "energy_kwh": 1e-3, "co2_kg": 3e-4}))
 
 
+def write_probe(root, run_id, arm, seed, miou):
+    d = root / "probe" / run_id / f"seed{seed}"
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps({
+        "arm": arm, "seed": seed, "mIoU": miou, "aAcc": 0.6, "heads": 3, "features": "standardised", "seconds": 5.0,
+        "per_class_iou": {"wall": miou, "sky": None}}))
+
+
 def write_study(root, scored_bp=None, finetune=True):
     for seed, best in zip(range(100, 105), (0.50, 0.51, 0.52, 0.53, 0.54)):
         write_run(root, "bp", "bp", seed, [2.0, 0.9, 0.7, 0.6, 0.55, best], role="target")
@@ -93,6 +107,11 @@ def write_study(root, scored_bp=None, finetune=True):
     for arm, values in (MIOU.items() if finetune else ()):
         for seed in range(3):
             write_finetune(root, arm, seed, values[seed])
+    for run_id, values in PROBE.items():
+        for seed in range(3):
+            if run_id == EQUAL:
+                write_run(root, EQUAL, "bp", seed, BP, role="downstream", steps=62)
+            write_probe(root, run_id, run_id.split("__")[0], seed, values[seed])
     return root
 
 
@@ -129,7 +148,8 @@ def _col(df, arm, column, run_id=None):
 # ----------------------------------------------------------------------------- loading
 
 def test_runs_carry_roles_and_overrides(runs):
-    assert runs.groupby("role").size().to_dict() == {"scored": 18 + 8, "target": 5, "tuning": 4}
+    assert runs.groupby("role").size().to_dict() == {"scored": 18 + 8, "target": 5, "tuning": 4,
+                                                     "downstream": 3}
     assert runs.loc[runs["run_id"] == "bp__blr=0.02", "sweep.pretrain.blr"].item() == 0.02  # text -> number
     assert set(runs["energy_kind"]) == {"modelled"}
     assert A.unfinished(runs)[["run_id", "seed", "status"]].values.tolist() == [["identity", 5, "running"]]
@@ -240,6 +260,30 @@ def test_overhead_and_power(runs, curves):
     assert o.loc["dbp", "ratio"] == pytest.approx(1.25) and o.loc["bp", "n_shared"] == 1
     assert o.loc["dbp", "watts"] == pytest.approx(3.6e6 * KWH_PER_S)  # energy / time, in W
     assert o.loc["dbp", "energy_kind"] == "modelled"
+
+
+def test_probe_against_bp_bp_at_equal_compute_and_scratch(study):
+    probe = A.load_probe(study)
+    assert len(probe) == 12 and set(probe.loc[probe["run_id"] == EQUAL, "arm"]) == {"bp"}
+    assert probe["iou.sky"].isna().all() and probe["seconds"].eq(5.0).all()
+    m = A.miou(probe, ["bp", "dbp", EQUAL]).set_index(["arm", "vs"])
+    assert m.loc[("dbp", "bp"), "mean"] == pytest.approx(np.mean([0.03, 0.03, 0.02]))
+    assert m.loc[("dbp", EQUAL), "mean"] == pytest.approx(np.mean([0.025, 0.025, 0.02]))
+    assert m.loc[(EQUAL, "bp"), "mean"] == pytest.approx(np.mean([0.005, 0.005, 0.0]))
+    assert m.loc[("bp", "scratch"), "vs_mean"] == pytest.approx(np.mean(PROBE["scratch"]))
+    assert ("bp", EQUAL) not in m.index  # only an arm's own equal-compute run is its reference
+    classes = A.per_class_iou(probe).set_index(["run_id", "class"])
+    assert classes.loc[("dbp", "wall"), "iou"] == pytest.approx(np.mean(PROBE["dbp"]))
+    assert classes.loc[("dbp", "sky"), "n"] == 0
+
+
+def test_downstream_runs_stay_out_of_the_headline_but_have_a_cost(runs, curves, step_sec):
+    assert EQUAL not in set(A.budget_curves(A.final(runs), curves, step_sec)["run_id"])
+    assert EQUAL not in set(A.time_to_target(curves, A.final(runs), 0.52, step_sec)["run_id"])
+    assert set(A.segments(curves, runs).query("role == 'scored'")["run_id"]) >= {"bp", "dbp"}
+    assert step_sec.to_dict() == pytest.approx({"bp": 1.0, "dbp": 1.25, "identity": 1.25})
+    cost = A.pretrain_seconds(runs, step_sec).set_index(["run_id", "seed"])["seconds"]
+    assert cost[(EQUAL, 0)] == 62.0 and cost[("dbp", 0)] == 62.5  # BP given DBP's wall-clock
 
 
 def test_miou_against_bp_and_scratch(study):

@@ -12,10 +12,10 @@ from matplotlib import image
 
 from dbp import figures as F
 from dbp import report as R
-from test_analysis import write_study
+from test_analysis import EQUAL, write_study
 
 FIGURES = {"loss_vs_time", "loss_vs_steps", "decorrelation", "budget_curves", "time_to_target",
-           "energy_to_target", "miou"}
+           "energy_to_target", "miou", "downstream"}
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,28 @@ def test_per_seed_overhead_tuning_budget_rows(written, study):
     assert arms["identity"][2] == "n/a (no budget ladder)" and arms["identity"][6] == "control of bp"
 
 
+def test_downstream_table_probe_rows_and_per_class_csv(written, study):
+    names = {p.name for p in written}
+    assert {"downstream.md", "downstream.tex", "downstream.csv", "probe_runs.csv", "per_class_iou.csv"} <= names
+    lines = [ln for ln in (study / "downstream.md").read_text().splitlines() if ln.startswith("| ")][1:]
+    rows = {(r[0].split()[0], r[1], r[2]): r for r in ([c.strip() for c in ln.strip("|").split(" | ")]
+                                                       for ln in lines)}
+    dbp = rows[("Linear", "dbp", "bp")]
+    assert dbp[3] == "62.5 vs 50.0" and dbp[4] == "26.67 vs 24.00"  # pre-training s, mean mIoU
+    assert dbp[5] == "+2.67 [+2.00, +3.00] (range of 3 seeds)" and dbp[7] == "p = 0.25 (sign-flip)"
+    assert rows[("Linear", "dbp", EQUAL)][3] == "62.5 vs 62.0"  # BP given DBP's wall-clock
+    assert rows[("Linear", "bp", "scratch")][3] == "50.0 vs 0.0"
+    assert rows[("Fine-tune", "dbp", "bp")][5].startswith("+1.17 [+1.00, +1.50]")
+    headline = _rows(study / "headline.md")
+    assert headline["Linear-probe mIoU change vs bp (points)"][1] == "+2.67 [+2.00, +3.00] (range of 3 seeds)"
+    assert headline[f"Linear-probe mIoU change vs {EQUAL} (points)"][1].startswith("+2.33")
+    assert headline["Linear-probe mIoU change vs bp (points)"][3] == "–"  # the paper's +1.1 is fine-tuned
+    assert "Linear probe: a linear head on the frozen encoder's patch features (standardised), 3 head" \
+        in (study / "headline.md").read_text()
+    classes = (study / "per_class_iou.csv").read_text().splitlines()
+    assert classes[0] == "run_id,class,iou,n,measure" and "dbp,wall,0.26666666666666666,3,probe" in classes
+
+
 def test_readme_block_is_filled_from_the_headline(study, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{R.README_START}\nold\n{R.README_END}\noutro\n")
@@ -157,6 +179,16 @@ def test_loss_figure_draws_each_seed_and_keeps_identity_visible(analysis):
     identity = [ln for ln in lines if ln.get_color() == "C2"]
     assert len(identity) == 5 and all(ln.get_linestyle() == "--" for ln in identity)
     assert fig.axes[0].get_yscale() == "log"
+
+
+def test_downstream_figure_puts_every_encoder_at_its_pre_training_cost(analysis):
+    fig, data = F.fig_downstream(analysis)
+    probe = data[data["measure"] == "linear probe"].set_index("run_id")
+    assert list(probe.index) == ["bp", "dbp", "scratch", EQUAL]
+    assert probe["seconds"].to_dict() == pytest.approx({"bp": 50.0, "dbp": 62.5, "scratch": 0.0, EQUAL: 62.0})
+    assert probe.loc["dbp", "mIoU"] == pytest.approx(0.2667, abs=1e-4) and len(fig.axes) == 2
+    means = {ln.get_label(): ln for ln in fig.axes[0].lines if not ln.get_label().startswith("_")}
+    assert means[EQUAL].get_color() == F.COLORS["bp"] and means[EQUAL].get_marker() == "D"
 
 
 def test_energy_figure_is_labelled_modelled(analysis):

@@ -39,37 +39,50 @@ def _config(name):
 def test_default_dry_run(tmp_path):
     jobs = _dry_run_jobs(tmp_path)
     # pretrain: BP on 6 scored + 5 target seeds, dbp and identity on 6, budget ladder 2 scales x
-    # 2 arms x 6 seeds, tuning 3 LRs x 2 arms x 1 seed; manifests for all 12 seeds
+    # 2 arms x 6 seeds, tuning 3 LRs x 2 arms x 1 seed, BP at DBP's wall-clock on 6; manifests
+    # for all 12 seeds; the probe reads bp, dbp and equal-compute exports of 6 seeds (one job a
+    # seed), UperNet fine-tunes bp, dbp and scratch of seed 0
     assert jobs == {"all": 1, "study_config": 1, "embedded_data": 1, "subset_manifest": 12,
-                    "pretrain": 11 + 6 + 6 + 24 + 6, "select": 1, "stepcost": 1, "export": 4, "finetune": 6,
-                    "summarize": 1, "figures": 1}
+                    "pretrain": 11 + 6 + 6 + 24 + 6 + 6, "select": 1, "stepcost": 1, "equal_compute": 1,
+                    "export": 3 * 6, "probe": 6, "finetune": 3, "summarize": 1, "figures": 1}
 
 
 def test_scored_and_target_runs_depend_on_the_tuning_selection(tmp_path):
     text = _snakemake(tmp_path, "-n", "-p").stdout
     blocks = [b for b in text.split("\nrule ") if b.startswith("pretrain:")]
-    assert len(blocks) == 53
+    assert len(blocks) == 59
     for block in blocks:
         run = re.search(r"wildcards: run=([^,\s]+), seed=(\d+)", block)
         reads = "tuning/selected.json" in block.split("output:")[0]
-        tuning = "__blr=" in run[1]
+        tuning, equal = "__blr=" in run[1], run[1] == "bp__equal_compute_dbp"
         assert reads != tuning, block  # every run reads the winners except the trials themselves
         role = re.search(r"--role (\w+)", block)[1]
-        assert role == ("tuning" if tuning else "target" if int(run[2]) >= 100 else "scored")
+        assert role == ("tuning" if tuning else "downstream" if equal else
+                        "target" if int(run[2]) >= 100 else "scored")
+        # only the equal-compute runs take their steps from the records
+        assert ("--steps-from results/default/equal_compute/dbp.json" in block) == equal
 
 
 def test_pinned_values_skip_tuning(tmp_path):
     pinned = tmp_path / "pinned.yaml"
     pinned.write_text(yaml.safe_dump({"tuning": {"enabled": False}}))
     jobs = _dry_run_jobs(tmp_path, "--configfile", _config("default.yaml"), str(pinned))
-    assert "select" not in jobs and jobs["pretrain"] == 53 - 6
+    assert "select" not in jobs and jobs["pretrain"] == 59 - 6
     assert "--tuned" not in _snakemake(tmp_path, "-n", "-p", "--configfile", _config("default.yaml"),
                                        str(pinned)).stdout
 
 
+def test_probe_off_drops_its_jobs_and_the_equal_compute_runs(tmp_path):
+    off = tmp_path / "off.yaml"
+    off.write_text(yaml.safe_dump({"probe": {"enabled": False}}))
+    jobs = _dry_run_jobs(tmp_path, "--configfile", _config("default.yaml"), str(off))
+    assert "probe" not in jobs and "equal_compute" not in jobs
+    assert jobs["pretrain"] == 53 and jobs["export"] == 2  # the fine-tuned bp and dbp of seed 0
+
+
 def test_sweep_runs_on_the_tuning_seeds(tmp_path):
     dbp = _dry_run_jobs(tmp_path, "--configfile", _config("default.yaml"), _config("sweep_dbp.yaml"))
-    assert dbp["pretrain"] == 53 + 3 * 2 * 2  # decor_lr x kappa x frac, on tuning seed 200 only
+    assert dbp["pretrain"] == 59 + 3 * 2 * 2  # decor_lr x kappa x frac, on tuning seed 200 only
 
 
 def test_paper_dry_run_with_fake_imagenet_and_ade20k(tmp_path):
@@ -82,10 +95,12 @@ def test_paper_dry_run_with_fake_imagenet_and_ade20k(tmp_path):
                                      "finetune": {"root": str(tmp_path / "ade")}}))
     jobs = _dry_run_jobs(tmp_path, "--configfile", _config("paper.yaml"), str(paths))
     # every registered arm: BP on 6 scored + 5 target seeds, 6 more arms on 6; the 6 tuned arms
-    # (all but identity) get the ladder (2 scales x 6 seeds), 3 LRs and 3 fine-tuned seeds
+    # (all but identity) get the ladder (2 scales x 6 seeds), 3 LRs and 3 fine-tuned seeds; BP
+    # at DBP's wall-clock on 6; the probe reads the tuned arms' and that run's exports of 6 seeds
     assert jobs == {"all": 1, "study_config": 1, "subset_manifest": 12,
-                    "pretrain": 11 + 6 * 6 + 6 * 12 + 6 * 3, "select": 1, "stepcost": 1,
-                    "export": 6 * 3, "finetune": 7 * 3, "summarize": 1, "figures": 1}
+                    "pretrain": 11 + 6 * 6 + 6 * 12 + 6 * 3 + 6, "select": 1, "stepcost": 1,
+                    "equal_compute": 1, "export": 7 * 6, "probe": 6, "finetune": 7 * 3, "summarize": 1,
+                    "figures": 1}
 
 
 @pytest.mark.parametrize("override,message", [
@@ -127,8 +142,8 @@ def test_gpus_per_job_come_from_resources_not_a_parse_time_probe(tmp_path, monke
     out = _snakemake(tmp_path, "-n", "-p", "--set-resources", "finetune:gpu=2").stdout
     pretrain = re.findall(r"-m dbp gpus (\d+) -- dbp pretrain ", out)
     finetune = re.findall(r"-m dbp gpus (\d+) -- dbp finetune ", out)
-    assert len(pretrain) == 53 and set(pretrain) == {"0"}  # the default: no probe
-    assert len(finetune) == 6 and set(finetune) == {"2"}   # what the resource says
+    assert len(pretrain) == 59 and set(pretrain) == {"0"}  # the default: no probe
+    assert len(finetune) == 3 and set(finetune) == {"2"}   # what the resource says
 
 
 def test_slurm_profile_gives_pretrain_and_finetune_gpus():
@@ -182,6 +197,7 @@ def test_smoke_study_runs_end_to_end_and_is_then_up_to_date(tmp_path):
     assert {r: i["role"] for r, i in runs.items()} == {
         ("bp", "seed0"): "scored", ("bp", "seed100"): "target", ("dbp", "seed0"): "scored",
         ("bp__steps=10", "seed0"): "scored", ("dbp__steps=10", "seed0"): "scored",
+        ("bp__equal_compute_dbp", "seed0"): "downstream",
         **{(f"{a}__blr={lr}", "seed200"): "tuning" for a in ("bp", "dbp") for lr in ("0.016", "0.032")}}
     selected = json.loads((results / "tuning" / "selected.json").read_text())["arms"]
     for (run_id, seed), info in runs.items():
@@ -194,6 +210,13 @@ def test_smoke_study_runs_end_to_end_and_is_then_up_to_date(tmp_path):
     ft = sorted((results / "finetune").glob("*/seed0/metrics.json"))
     assert [p.parts[-3] for p in ft] == ["bp", "dbp", "scratch"]
     assert all(0.0 <= json.loads(p.read_text())["mIoU"] <= 1.0 for p in ft)
+    equal = json.loads((results / "equal_compute" / "dbp.json").read_text())  # from the records
+    assert equal["steps"] == round(20 * equal["ratio"]) == runs["bp__equal_compute_dbp", "seed0"]["steps_done"]
+    probes = {p.parts[-3]: json.loads(p.read_text()) for p in (results / "probe").glob("*/seed0/metrics.json")}
+    assert sorted(probes) == ["bp", "bp__equal_compute_dbp", "dbp", "scratch"]
+    assert all(0.0 <= m["mIoU"] <= 1.0 and len(m["mIoU_heads"]) == 2 for m in probes.values())
+    downstream = (results / "downstream.md").read_text()
+    assert "| Linear probe (frozen encoder) | dbp | bp__equal_compute_dbp |" in downstream
     headline = (results / "headline.md").read_text()
     assert f"bp {{'pretrain.blr': {selected['bp']['values']['pretrain.blr']}}}" in headline
     assert "| Wall-clock to target, budget curve (primary) |" in headline
@@ -202,7 +225,8 @@ def test_smoke_study_runs_end_to_end_and_is_then_up_to_date(tmp_path):
     assert len(rounds) == 1 + 2 * 10  # header + bp and dbp in each of smoke.yaml's 10 rounds
     assert "side-by-side step-time ratio (10 interleaved rounds" in headline
     pngs = sorted(p.name for p in (tmp_path / "paper_figures" / "smoke").glob("*.png"))
-    assert {"loss_vs_time.png", "loss_vs_steps.png", "budget_curves.png", "time_to_target.png"} <= set(pngs)
+    assert {"loss_vs_time.png", "loss_vs_steps.png", "budget_curves.png", "time_to_target.png",
+            "downstream.png"} <= set(pngs)
     again = _snakemake(tmp_path, "--configfile", _config("smoke.yaml"))
     assert "Nothing to be done" in again.stdout + again.stderr
     before = (results / "headline.md").stat().st_mtime_ns

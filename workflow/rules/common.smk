@@ -9,10 +9,14 @@ from pathlib import Path
 import yaml
 from snakemake.settings.types import DeploymentMethod
 from dbp.config import to_dict
+from dbp.downstream import ROLE as DOWNSTREAM, downstream_runs, equal_compute_id, probe_arms, probe_seeds
 
 RESOLVED = to_dict(STUDY)
 CONFIG_DIGEST = hashlib.sha256(json.dumps(RESOLVED, sort_keys=True).encode()).hexdigest()
-RUNS = STUDY.runs()  # run id -> arm, overrides (trial, budget, sweep point), seeds
+# The equal-compute BP runs (role "downstream"), whose steps a job derives from the records.
+DOWNSTREAM_RUNS = downstream_runs(STUDY)
+RUNS = {**STUDY.runs(), **DOWNSTREAM_RUNS}  # run id -> arm, overrides (trial, budget, sweep point), seeds
+EQUAL_STEPS = {equal_compute_id(a): f"{RESULTS}/equal_compute/{a}.json" for a in STUDY.probe.equal_compute}
 STUDY_CONFIG = f"{RESULTS}/config.yaml"
 # The tuning winners per arm, written by `select`, read by every target-setting and scored run.
 SELECTED = f"{RESULTS}/tuning/selected.json" if STUDY.tuning.enabled else None
@@ -64,9 +68,28 @@ def selected_of(w):
     return [SELECTED] if SELECTED and RUNS[w.run].tuned else []
 
 
+def steps_of(w):
+    """The step-count file an equal-compute run reads (none for the other runs)."""
+    return [EQUAL_STEPS[w.run]] if w.run in DOWNSTREAM_RUNS else []
+
+
+def role_of(w):
+    """A run's role: "downstream" for the equal-compute runs, else by its seed set."""
+    return DOWNSTREAM if w.run in DOWNSTREAM_RUNS else STUDY.role(RUNS[w.run], int(w.seed))
+
+
 def finetune_outputs():
     return [f"{RESULTS}/finetune/{a}/seed{s}/metrics.json"
             for a in STUDY.finetune_arms() for s in STUDY.finetune_seeds()]
+
+
+def probe_outputs():
+    return [f"{RESULTS}/probe/{a}/seed{s}/metrics.json" for a in probe_arms(STUDY) for s in probe_seeds(STUDY)]
+
+
+def probe_encoders(seed):
+    """The exports a seed's probe job reads, by encoder name (scratch has none)."""
+    return {a: f"{RESULTS}/export/{a}/seed{seed}/encoder.pth" for a in probe_arms(STUDY) if a != "scratch"}
 
 
 def encoder_of(w):
@@ -82,6 +105,7 @@ REPORT_TABLES = {  # table -> report subcategory
     "budgets": "5 budget ladder",
     "relaxed": "6 relaxed targets",
     "tuning": "7 tuning",
+    "downstream": "8 downstream",
 }
 
 

@@ -1,5 +1,6 @@
 # Export (fuse DBP, mmseg keys, self-checked) and segmentation fine-tuning, arm x seed.
 # "scratch" fine-tunes a randomly initialised encoder: the control for pre-training itself.
+# Exports serve the probe (probe.smk) too, the equal-compute BP runs' among them.
 
 rule export:
     input:
@@ -12,7 +13,7 @@ rule export:
     log:
         f"{RESULTS}/logs/export/{{arm}}/seed{{seed}}.log",
     wildcard_constraints:
-        arm=one_of(STUDY.arms),
+        arm=one_of([*STUDY.arms, *DOWNSTREAM_RUNS]),
         seed=r"\d+",
     conda:
         ENV

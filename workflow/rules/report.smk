@@ -6,10 +6,12 @@ rule summarize:
     input:
         pretrain_outputs(),
         finetune_outputs(),
+        probe_outputs(),
         [SELECTED] if SELECTED else [],
         rules.stepcost.output,
     output:
         multiext(f"{RESULTS}/headline", ".md", ".tex"),
+        multiext(f"{RESULTS}/downstream", ".md", ".tex"),
         multiext(f"{RESULTS}/per_seed", ".md", ".tex"),
         multiext(f"{RESULTS}/overhead", ".md", ".tex"),
         multiext(f"{RESULTS}/tuning", ".md", ".tex"),
