@@ -21,10 +21,11 @@ def _cluster_up() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _cluster_up(), reason="no SLURM cluster (CI starts one)")
 def test_pretraining_runs_through_slurm(tmp_path):
-    """The smoke study's pre-training with pinned values and no ladder (3 runs: BP target,
-    BP and DBP scored): every one a SLURM job. The whole DAG runs locally in test_workflow."""
+    """The smoke study's pre-training with pinned values, no ladder and no equal-compute BP
+    run (3 runs: BP target, BP and DBP scored): every one a SLURM job. The whole DAG runs
+    locally in test_workflow."""
     lean = tmp_path / "lean.yaml"
-    lean.write_text("tuning: {enabled: false}\nbudgets: {scales: [], seeds: 0}\n")
+    lean.write_text("tuning: {enabled: false}\nbudgets: {scales: [], seeds: 0}\nprobe: {equal_compute: []}\n")
     cmd = ["timeout", "-k", "30", "600", sys.executable, "-m", "snakemake", "pretrain_all",
            "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
            "--profile", str(REPO / ".ci" / "slurm-profile"),
