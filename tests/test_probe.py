@@ -6,31 +6,16 @@ import sys
 
 import pytest
 import torch
-from test_export import MODEL, write_final_pt
+from test_export import MODEL
+from test_segment import ade, encoder  # noqa: F401  (the same tiny ADE data and DBP export)
 
 from dbp.cli import main
 from dbp.config import ProbeConfig
 from dbp.datasets import read_class_names
-from dbp.embedded import ADE, make_embedded
-from dbp.export import build_backbone, export_encoder
+from dbp.export import build_backbone
 from dbp.seg_probe import load_probe_data, normaliser, patch_targets, probe, probe_backbone
 
 TINY = ProbeConfig(heads=2, train_images=6, steps=6, batch_tokens=128)
-
-
-@pytest.fixture(scope="module")
-def ade(tmp_path_factory):
-    root = make_embedded(tmp_path_factory.mktemp("data") / "emb", seed=0, imagenet_per_class=1,
-                         imagenet_val_per_class=1, ade_train=8, ade_val=2, image_size=32)
-    return root / ADE
-
-
-@pytest.fixture(scope="module")
-def encoder(tmp_path_factory):
-    d = tmp_path_factory.mktemp("enc")
-    write_final_pt(d / "final.pt", dbp=True)
-    export_encoder(d / "final.pt", d / "encoder.pth")
-    return d / "encoder.pth"
 
 
 def _probe(out, ade, pretrained, settings=TINY, seed=0):
