@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from dbp.layers import DecorLinear, DecorMixin, DecorPatchEmbed
+from dbp.layers import DecorLinear, DecorMixin, DecorPatchEmbed, update_layers
 
 
 def _is_patch_conv(m: nn.Module) -> bool:
@@ -110,8 +110,9 @@ def decor_modules(model: nn.Module) -> list[DecorMixin]:
 
 def update_all(modules: Iterable[DecorMixin]) -> int:
     """One R step for every layer (call after optimizer.step()); returns how many layers had
-    statistics to step from."""
-    return sum(m.update() for m in modules)
+    statistics to step from. Layers of one width step in one batched product
+    (`dbp.layers.update_layers`)."""
+    return update_layers(modules)
 
 
 class DBP:

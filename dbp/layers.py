@@ -8,6 +8,8 @@ token rows, drawn from the layer's own generator so that they cannot shift the g
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -135,31 +137,41 @@ class DecorMixin:
             z = torch.cat(parts)
         return z
 
-    @torch.no_grad()
-    def update(self) -> bool:
-        """Apply one R step from the statistics gathered since the last update; returns
-        whether there were any.
-
-        Under torch.distributed the statistics of all ranks are pooled first (one collective
-        call), so every rank applies the same step and R stays identical everywhere. While
-        the rows are fewer than the features, the step is computed from the rows themselves
-        (`decor_step_rows`), else from their d x d sums; both give the same R. The step is
-        computed even when decor_lr = 0, so that arm pays the full cost (the overhead-only
-        control). The loss and correlation of these statistics are computed only when read.
-        """
+    def pending(self) -> tuple[str, Tensor] | None:
+        """The pooled statistics the next R step uses, as ("rows", z) or ("sums", X), or None
+        when none were gathered. Under torch.distributed every rank's statistics are pooled
+        here (one collective call), so every rank applies the same step and R stays identical
+        everywhere. While the rows are fewer than the features the step is computed from the
+        rows themselves (`decor_step_rows`), else from their d x d second moment X; both give
+        the same R."""
         if self._n == 0:
-            return False
+            return None
+        if self._zz is None and self.stabilize == "none":
+            z = self._last = self._pooled_rows()
+            return "rows", z
+        zz, z_sum, n = self._last = self._pooled_sums()
+        return "sums", second_moment(zz, z_sum, n, self.center)
+
+    def step_options(self, form: str) -> dict:
+        """The rule's settings for a step from `form` ("rows" or "sums")."""
         opts = dict(decor_lr=self.decor_lr, kappa=self.kappa, variant=self.variant,
                     variance_term=self.variance_term)
+        return {**opts, "center": self.center} if form == "rows" else {**opts, "stabilize": self.stabilize}
+
+    @torch.no_grad()
+    def update(self) -> bool:
+        """Apply one R step from the statistics gathered since the last update (`pending`);
+        returns whether there were any. The step is computed even when decor_lr = 0, so that
+        arm pays the full cost (the overhead-only control). The loss and correlation of these
+        statistics are computed only when read. `dbp.decorrelate.update_all` steps many
+        layers at once, batching those of one width."""
         with _no_autocast(self.R.device):
-            if self._zz is None and self.stabilize == "none":
-                z = self._last = self._pooled_rows()
-                new = decor_step_rows(self.R, z, center=self.center, **opts)
-            else:
-                zz, z_sum, n = self._last = self._pooled_sums()
-                new = decor_step(self.R, second_moment(zz, z_sum, n, self.center),
-                                 stabilize=self.stabilize, **opts)
-            self.R.copy_(new)
+            stats = self.pending()
+            if stats is None:
+                return False
+            form, t = stats
+            step = decor_step_rows if form == "rows" else decor_step
+            self.R.copy_(step(self.R, t, **self.step_options(form)))
         self.reset_stats()
         return True
 
@@ -192,6 +204,41 @@ class DecorMixin:
         return (f"fused={self.fused}, sample_frac={self.sample_frac}, decor_lr={self.decor_lr}, "
                 f"kappa={self.kappa}, variant={self.variant}, variance_term={self.variance_term}, "
                 f"center={self.center}, stabilize={self.stabilize}")
+
+
+@torch.no_grad()
+def update_layers(modules: Iterable[DecorMixin]) -> int:
+    """One R step for every layer with statistics; returns how many stepped. Layers whose
+    steps have the same form, shape and settings (a ViT's qkv, proj and fc1 all read width
+    d) step together: their R and statistics stacked, one batched product instead of one
+    small product per layer (same R as `update()` each, up to rounding)."""
+    groups: dict[tuple, list[tuple[DecorMixin, Tensor]]] = {}
+    for m in modules:
+        with _no_autocast(m.R.device):
+            stats = m.pending()
+        if stats is None:
+            continue
+        form, t = stats
+        opts = m.step_options(form)
+        batchable = opts.get("stabilize", "none") == "none"
+        key = (form, tuple(t.shape), t.dtype, t.device, m.R.dtype, tuple(sorted(opts.items())),
+               None if batchable else id(m))
+        groups.setdefault(key, []).append((m, t))
+    for (form, *_), members in groups.items():
+        step = decor_step_rows if form == "rows" else decor_step
+        opts = members[0][0].step_options(form)
+        with _no_autocast(members[0][0].R.device):
+            if len(members) == 1:
+                (m, t), = members
+                m.R.copy_(step(m.R, t, **opts))
+            else:
+                new = step(torch.stack([m.R for m, _ in members]),
+                           torch.stack([t for _, t in members]), **opts)
+                for (m, _), r in zip(members, new):
+                    m.R.copy_(r)
+        for m, _ in members:
+            m.reset_stats()
+    return sum(len(v) for v in groups.values())
 
 
 _DEFAULTS = dict(fused=True, sample_frac=0.1, replacement=False, decor_lr=1e-3, kappa=1e-3,

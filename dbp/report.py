@@ -517,7 +517,8 @@ def _captions(a: Analysis) -> dict[str, tuple[str, str]]:
 def write_report(results_dir: str | Path, study_name: str, readme: str | Path | None = None,
                  **analyze_kwargs) -> list[Path]:
     """Write the tables (.md, .tex, .html) and tidy CSVs into `results_dir` (= results/<study>);
-    with `readme`, also replace its headline block by the headline table. Returns the paths."""
+    with `readme`, also replace its headline block by the headline and every-arm tables.
+    Returns the paths."""
     out = Path(results_dir)
     a = analyze(out, study_name, **analyze_kwargs)
     tables = {"headline": headline_table(a), "arms": arms_table(a), "relaxed": relaxed_table(a),
@@ -541,9 +542,14 @@ def write_report(results_dir: str | Path, study_name: str, readme: str | Path | 
         atomic_write_text(out / name, text)
     paths = [out / name for name in texts]
     if readme is not None:
-        update_readme(readme, texts["headline.md"])
+        update_readme(readme, readme_block(texts))
         paths.append(Path(readme))
     return paths
+
+
+def readme_block(texts: dict[str, str]) -> str:
+    """What the README shows of a study: the headline, then every arm against BP."""
+    return f"{texts['headline.md']}\n{texts['arms.md']}"
 
 
 def update_readme(readme: str | Path, headline_md: str) -> None:

@@ -3,7 +3,9 @@
 An update needs X R, X = E[z z^T] the second moment of the decorrelated inputs z = R x.
 From d x d sums (sum z z^T, sum z, row count), which micro-batches and ranks combine by
 addition, that is one d^3 product (`decor_step`). From n < d sampled rows it is cheaper
-as z^T (z R) / n (`decor_step_rows`). Both apply the same rule.
+as z^T (z R) / n (`decor_step_rows`). Both apply the same rule, and both take a batch of
+layers as well (leading dimension: R (L, d, d) with X (L, d, d) or z (L, n, d)), so layers
+of one width step in one batched product (`dbp.decorrelate.update_all`).
 """
 from __future__ import annotations
 
@@ -82,13 +84,13 @@ def input_span_basis(x: Tensor, r: Tensor, rel_tol: float = 1e-6) -> Tensor:
 def _step_from_xr(r: Tensor, xr: Tensor, diag: Tensor, alpha: float, *, decor_lr: float,
                   kappa: float, variant: str, variance_term: str) -> Tensor:
     """R - eta G with G = a (X R - diag(X) R) + s (v term), given alpha X R (alpha = 1, or
-    the 1/n that the row form has not applied yet): one scaled copy of R and one addmm."""
-    a, s = _scales(r.shape[0], kappa, variant)
+    the 1/n that the row form has not applied yet): one scaled copy of R and one add."""
+    a, s = _scales(r.shape[-1], kappa, variant)
     rows = 1.0 + decor_lr * a * diag  # the C term's - diag(X) R, folded into a row scaling
     if variance_term == "row":
-        base = r * (rows - decor_lr * s * (diag - 1.0))[:, None]
+        base = r * (rows - decor_lr * s * (diag - 1.0))[..., :, None]
     else:
-        base = r * rows[:, None] - (decor_lr * s) * (r * (diag - 1.0)[None, :])
+        base = r * rows[..., :, None] - (decor_lr * s) * (r * (diag - 1.0)[..., None, :])
     return torch.add(base, xr, alpha=-decor_lr * a * alpha)
 
 
@@ -111,8 +113,8 @@ def decor_step(
         g = decor_gradient(x, r, kappa, variant, variance_term)
         q = input_span_basis(x, r)
         return r - decor_lr * ((g @ q) @ q.T)
-    return _step_from_xr(r, x @ r, torch.diagonal(x), 1.0, decor_lr=decor_lr, kappa=kappa,
-                         variant=variant, variance_term=variance_term)
+    return _step_from_xr(r, x @ r, torch.diagonal(x, dim1=-2, dim2=-1), 1.0, decor_lr=decor_lr,
+                         kappa=kappa, variant=variant, variance_term=variance_term)
 
 
 def decor_step_rows(
@@ -129,12 +131,12 @@ def decor_step_rows(
     X R = z^T (z R) / n costs 2 n d^2 instead of n d^2 + d^3, the cheaper form when n < d
     (a ViT's fc2, whose input is 4x wider than the rows a 10 % sample gives). Equal to
     `decor_step(r, second_moment(z^T z, sum z, n, center), ...)` up to rounding."""
-    n = z.shape[0]
-    xr = z.T @ (z @ r)
-    diag = (z * z).sum(0) / n
+    n = z.shape[-2]
+    xr = z.mT @ (z @ r)
+    diag = (z * z).sum(-2) / n
     if center:
-        mu = z.mean(0)
-        xr = xr - n * torch.outer(mu, mu @ r)
+        mu = z.mean(-2)
+        xr = xr - n * (mu[..., :, None] * (mu[..., None, :] @ r))
         diag = diag - mu * mu
     return _step_from_xr(r, xr, diag, 1.0 / n, decor_lr=decor_lr, kappa=kappa,
                          variant=variant, variance_term=variance_term)

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from dbp import DecorLinear, DecorPatchEmbed
+from dbp.layers import update_layers
 from dbp.rule import second_moment
 
 
@@ -167,3 +168,38 @@ def test_layer_steps_from_rows_and_from_sums_alike(center):
     torch.testing.assert_close(rows.R, sums.R, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(rows.R, torch.eye(32))
     torch.testing.assert_close(rows.last_decor_loss, sums.last_decor_loss)
+
+
+@pytest.mark.parametrize("variant", ["standard", "normalized"])
+@pytest.mark.parametrize("variance_term", ["row", "column"])
+@pytest.mark.parametrize("center", [False, True])
+def test_batched_update_equals_per_layer_updates(variant, variance_term, center):
+    """update_layers steps layers of one width together (rows form: 6 sampled rows < 24
+    features; sums form: 12 rows >= 8 features) and gives each the R of its own update();
+    a layer with other settings steps on its own, beside them."""
+    opts = dict(sample_frac=0.5, decor_lr=0.05, kappa=0.2, variant=variant,
+                variance_term=variance_term, center=center)
+    shapes = [(24, 5), (24, 3), (8, 4), (8, 8), (8, 2)]
+
+    def layers():
+        out = []
+        for i, (d_in, d_out) in enumerate(shapes):
+            extra = dict(kappa=0.5) if i == 4 else {}
+            out.append(_moved(DecorLinear(d_in, d_out, **{**opts, **extra}, seed=i), seed=i))
+        return out
+
+    batched, single = layers(), layers()
+    for group in (batched, single):
+        for i, m in enumerate(group):
+            gen = torch.Generator().manual_seed(10 + i)
+            d = m.R.shape[0]
+            m(torch.randn(12 if d == 24 else 24, d, generator=gen) @ (torch.eye(d) + 0.3))
+    assert batched[0]._zz is None and batched[2]._zz is not None  # both forms are covered
+    assert update_layers(batched) == len(shapes)
+    for a, b in zip(batched, single):
+        assert b.update()
+        torch.testing.assert_close(a.R, b.R, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(a.R, torch.eye(a.R.shape[0]))
+        torch.testing.assert_close(a.last_decor_loss, b.last_decor_loss)
+        assert a._n == 0 and not a._rows and a._zz is None  # statistics cleared
+    assert update_layers(batched) == 0

@@ -127,7 +127,8 @@ def test_readme_block_is_filled_from_the_headline(study, tmp_path):
     readme.write_text(f"intro\n{R.README_START}\nold\n{R.README_END}\noutro\n")
     R.write_report(study, "synthetic", readme=readme)
     text = readme.read_text()
-    assert (study / "headline.md").read_text() in text and "old" not in text
+    assert (study / "headline.md").read_text() + "\n" + (study / "arms.md").read_text() in text
+    assert "old" not in text
     assert text.startswith("intro\n") and text.endswith("outro\n")
     with pytest.raises(ValueError, match="no <!-- headline:start -->"):
         R.update_readme(study / "headline.md", "x")
@@ -223,11 +224,13 @@ def test_committed_reference_study_regenerates_its_tables_and_the_readme(tmp_pat
                 or n.endswith((".pt", ".pth")) or n in ("logs", "export", "benchmarks")]
     shutil.copytree(committed, copy, ignore=records_only)
     R.write_report(copy, "default")
-    for table in ("headline", "per_seed", "overhead", "tuning", "budgets", "relaxed"):
+    for table in ("headline", "arms", "downstream", "per_seed", "overhead", "tuning", "budgets",
+                  "relaxed"):
         assert (copy / f"{table}.md").read_text() == (committed / f"{table}.md").read_text(), table
     readme = (REPO / "README.md").read_text()
     block = readme.split(R.README_START)[1].split(R.README_END)[0]
-    assert block == "\n" + (committed / "headline.md").read_text()
+    assert block == "\n" + R.readme_block({f"{t}.md": (committed / f"{t}.md").read_text()
+                                           for t in ("headline", "arms")})
     runs = [json.loads(p.read_text()) for p in (committed / "pretrain").glob("*/seed*/run.json")]
     assert runs and all(r["status"] == "finished" and not r["provenance"]["git_dirty"] for r in runs)
-    assert {r["role"] for r in runs} == {"target", "tuning", "scored"}
+    assert {r["role"] for r in runs} == {"target", "tuning", "scored", "downstream"}

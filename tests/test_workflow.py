@@ -38,19 +38,20 @@ def _config(name):
 
 def test_default_dry_run(tmp_path):
     jobs = _dry_run_jobs(tmp_path)
-    # pretrain: BP on 6 scored + 5 target seeds, dbp and identity on 6, budget ladder 2 scales x
-    # 2 arms x 6 seeds, tuning 3 LRs x 2 arms x 1 seed, BP at DBP's wall-clock on 6; manifests
-    # for all 12 seeds; the probe reads bp, dbp and equal-compute exports of 6 seeds (one job a
-    # seed), UperNet fine-tunes bp, dbp and scratch of seed 0
+    # pretrain: BP on 6 scored + 5 target seeds, dbp, identity and cadamw on 6, budget ladder 2
+    # scales x 3 arms x 6 seeds, tuning 3 LRs x 3 arms x 1 seed, BP at DBP's wall-clock on 6;
+    # manifests for all 12 seeds; the probe reads bp, dbp, cadamw and equal-compute exports of 6
+    # seeds (one job a seed), UperNet fine-tunes bp, dbp, cadamw and scratch of seed 0
     assert jobs == {"all": 1, "study_config": 1, "embedded_data": 1, "subset_manifest": 12,
-                    "pretrain": 11 + 6 + 6 + 24 + 6 + 6, "select": 1, "stepcost": 1, "equal_compute": 1,
-                    "export": 3 * 6, "probe": 6, "finetune": 3, "summarize": 1, "figures": 1}
+                    "pretrain": 11 + 6 + 6 + 6 + 36 + 9 + 6, "select": 1, "stepcost": 1,
+                    "equal_compute": 1, "export": 4 * 6, "probe": 6, "finetune": 4, "summarize": 1,
+                    "figures": 1}
 
 
 def test_scored_and_target_runs_depend_on_the_tuning_selection(tmp_path):
     text = _snakemake(tmp_path, "-n", "-p").stdout
     blocks = [b for b in text.split("\nrule ") if b.startswith("pretrain:")]
-    assert len(blocks) == 59
+    assert len(blocks) == 80
     for block in blocks:
         run = re.search(r"wildcards: run=([^,\s]+), seed=(\d+)", block)
         reads = "tuning/selected.json" in block.split("output:")[0]
@@ -67,7 +68,7 @@ def test_pinned_values_skip_tuning(tmp_path):
     pinned = tmp_path / "pinned.yaml"
     pinned.write_text(yaml.safe_dump({"tuning": {"enabled": False}}))
     jobs = _dry_run_jobs(tmp_path, "--configfile", _config("default.yaml"), str(pinned))
-    assert "select" not in jobs and jobs["pretrain"] == 59 - 6
+    assert "select" not in jobs and jobs["pretrain"] == 80 - 9
     assert "--tuned" not in _snakemake(tmp_path, "-n", "-p", "--configfile", _config("default.yaml"),
                                        str(pinned)).stdout
 
@@ -77,12 +78,12 @@ def test_probe_off_drops_its_jobs_and_the_equal_compute_runs(tmp_path):
     off.write_text(yaml.safe_dump({"probe": {"enabled": False}}))
     jobs = _dry_run_jobs(tmp_path, "--configfile", _config("default.yaml"), str(off))
     assert "probe" not in jobs and "equal_compute" not in jobs
-    assert jobs["pretrain"] == 53 and jobs["export"] == 2  # the fine-tuned bp and dbp of seed 0
+    assert jobs["pretrain"] == 80 - 6 and jobs["export"] == 3  # the fine-tuned arms of seed 0
 
 
 def test_sweep_runs_on_the_tuning_seeds(tmp_path):
     dbp = _dry_run_jobs(tmp_path, "--configfile", _config("default.yaml"), _config("sweep_dbp.yaml"))
-    assert dbp["pretrain"] == 59 + 3 * 2 * 2  # decor_lr x kappa x frac, on tuning seed 200 only
+    assert dbp["pretrain"] == 80 + 3 * 2 * 2  # decor_lr x kappa x frac, on tuning seed 200 only
 
 
 def test_paper_dry_run_with_fake_imagenet_and_ade20k(tmp_path):
@@ -142,8 +143,8 @@ def test_gpus_per_job_come_from_resources_not_a_parse_time_probe(tmp_path, monke
     out = _snakemake(tmp_path, "-n", "-p", "--set-resources", "finetune:gpu=2").stdout
     pretrain = re.findall(r"-m dbp gpus (\d+) -- dbp pretrain ", out)
     finetune = re.findall(r"-m dbp gpus (\d+) -- dbp finetune ", out)
-    assert len(pretrain) == 59 and set(pretrain) == {"0"}  # the default: no probe
-    assert len(finetune) == 3 and set(finetune) == {"2"}   # what the resource says
+    assert len(pretrain) == 80 and set(pretrain) == {"0"}  # the default: no probe
+    assert len(finetune) == 4 and set(finetune) == {"2"}   # what the resource says
 
 
 def test_slurm_profile_gives_pretrain_and_finetune_gpus():
