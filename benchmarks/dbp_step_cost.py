@@ -83,7 +83,6 @@ ARMS = [
     *(registered(name) for name in ("dbp_ref", "muon", "cadamw", "dbp_muon")),
 ]
 
-# The rows the cost targets are about (the default run); `--arms all` adds the rest.
 # The rows the issue's targets are about; the unfused reference form (1.5x) and the registered
 # arms come with --arms (each row adds about 1/8 to the run time).
 COST_ARMS = ["bp", "dbp_fused_f0.1", "dbp_fused_f0.1_k4", "fusion_only_floor", "identity_eta0"]
@@ -258,6 +257,23 @@ def main() -> None:
         print(f"{'total':24s} {total:8.1f} {sum(d['ops_ms'] for d in split.values()):7.1f} "
               f"{total / bp_ms:6.3f} {sum(macs.values()) / bp_macs:9.3f}")
     _check_targets(ratios["ratio"].to_dict())
+    _check_spread(ratios)
+
+
+# Quartile spread of the per-round ratios above which two runs were seen to disagree by more
+# than 0.03: on the project's 2-core box the widest row of a quiet run spread 0.04-0.07, of
+# runs while the host was slow (BP's step 1.3x its quiet time, nothing running in the machine
+# itself) 0.11-0.20.
+NOISY_SPREAD = 0.10
+
+
+def _check_spread(ratios: pd.DataFrame) -> None:
+    """Say when the per-round ratios spread so widely that the medians will not repeat."""
+    spread = (ratios["ratio_q75"] - ratios["ratio_q25"]).drop("bp", errors="ignore")
+    if len(spread) and spread.max() > NOISY_SPREAD:
+        print(f"\nNOISY: the per-round ratios of {spread.idxmax()} spread {spread.max():.3f} between "
+              f"quartiles (> {NOISY_SPREAD}); medians from such a run were seen to move by up to "
+              "0.05 between runs. Repeat on a quieter machine before comparing with targets.")
 
 
 def _check_targets(s: dict[str, float]) -> None:

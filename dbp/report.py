@@ -22,6 +22,7 @@ from dbp.records import atomic_write_text
 
 PAPER = {"seconds": "21.1 %", "mIoU": "+1.1"}
 README_START, README_END = "<!-- headline:start -->", "<!-- headline:end -->"
+README_TABLES = ("headline", "arms", "downstream")
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -517,7 +518,7 @@ def _captions(a: Analysis) -> dict[str, tuple[str, str]]:
 def write_report(results_dir: str | Path, study_name: str, readme: str | Path | None = None,
                  **analyze_kwargs) -> list[Path]:
     """Write the tables (.md, .tex, .html) and tidy CSVs into `results_dir` (= results/<study>);
-    with `readme`, also replace its headline block by the headline and every-arm tables.
+    with `readme`, also replace its headline block by the README_TABLES.
     Returns the paths."""
     out = Path(results_dir)
     a = analyze(out, study_name, **analyze_kwargs)
@@ -548,8 +549,9 @@ def write_report(results_dir: str | Path, study_name: str, readme: str | Path | 
 
 
 def readme_block(texts: dict[str, str]) -> str:
-    """What the README shows of a study: the headline, then every arm against BP."""
-    return f"{texts['headline.md']}\n{texts['arms.md']}"
+    """What the README shows of a study: the headline, every arm against BP, and every
+    downstream comparison (each encoder against scratch, BP and BP at its wall-clock)."""
+    return "\n".join(texts[f"{t}.md"] for t in README_TABLES)
 
 
 def update_readme(readme: str | Path, headline_md: str) -> None:

@@ -127,7 +127,7 @@ def test_readme_block_is_filled_from_the_headline(study, tmp_path):
     readme.write_text(f"intro\n{R.README_START}\nold\n{R.README_END}\noutro\n")
     R.write_report(study, "synthetic", readme=readme)
     text = readme.read_text()
-    assert (study / "headline.md").read_text() + "\n" + (study / "arms.md").read_text() in text
+    assert "\n".join((study / f"{t}.md").read_text() for t in ("headline", "arms", "downstream")) in text
     assert "old" not in text
     assert text.startswith("intro\n") and text.endswith("outro\n")
     with pytest.raises(ValueError, match="no <!-- headline:start -->"):
@@ -230,7 +230,7 @@ def test_committed_reference_study_regenerates_its_tables_and_the_readme(tmp_pat
     readme = (REPO / "README.md").read_text()
     block = readme.split(R.README_START)[1].split(R.README_END)[0]
     assert block == "\n" + R.readme_block({f"{t}.md": (committed / f"{t}.md").read_text()
-                                           for t in ("headline", "arms")})
+                                           for t in R.README_TABLES})
     runs = [json.loads(p.read_text()) for p in (committed / "pretrain").glob("*/seed*/run.json")]
     assert runs and all(r["status"] == "finished" and not r["provenance"]["git_dirty"] for r in runs)
     assert {r["role"] for r in runs} == {"target", "tuning", "scored", "downstream"}
