@@ -1,8 +1,11 @@
 """Compatibility shims for the tested stack (torch 2.13.0+cpu beside PyPI's torchvision
 0.28.0, mmcv-lite 2.1.0, mmsegmentation 1.2.2, mmengine 0.10.7), which does not import as is.
 
-Import this module before timm, torchvision or mmseg, in every process (fork workers inherit
-it; `dbp.model` and the segmentation code import it first). Each shim is a no-op where the
+Import this module before timm or torchvision, in every process (fork workers inherit it;
+`dbp.model` imports it first): it applies shim 1 and the numpy part of 3. Shim 2 and the
+mmengine part of 3 come with `mm_shims()`, which the segmentation side (export to mmseg,
+fine-tuning, the probe) calls before importing mmcv, mmengine or mmseg; pre-training never
+imports those (tested), which keeps about 0.4 s of imports off each of its jobs. Each shim is a no-op where the
 problem does not exist, so the CUDA route is unaffected. The method modules (dbp.rule,
 dbp.layers, dbp.decorrelate) need none of this and do not import it.
 
@@ -24,6 +27,7 @@ dbp.layers, dbp.decorrelate) need none of this and do not import it.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.machinery
 import os.path as osp
@@ -113,13 +117,9 @@ def safe_load(path: Any, map_location: Any = None, *, what: str = "checkpoint") 
 _HISTORY_BUFFER_METHODS = frozenset({"min", "max", "current", "mean"})
 
 
-def _allow_mmengine_checkpoint_types() -> None:
-    """add_safe_globals for exactly what mmengine's resume checkpoints hold beyond tensors."""
+def _allow_numpy_types() -> None:
+    """add_safe_globals for the numpy arrays, dtypes and scalars checkpoints may hold."""
     import numpy as np
-    try:
-        from mmengine.logging.history_buffer import HistoryBuffer
-    except ImportError:
-        HistoryBuffer = None  # noqa: N806
     try:
         from numpy._core.multiarray import _reconstruct, scalar
     except ImportError:  # numpy < 2
@@ -130,15 +130,23 @@ def _allow_mmengine_checkpoint_types() -> None:
     allowed: list[Any] = [np.ndarray, np.dtype, *dtypes]
     for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):  # as numpy 2 / 1 pickle them
         allowed += [(_reconstruct, f"{mod}._reconstruct"), (scalar, f"{mod}.scalar")]
-    if HistoryBuffer is not None:
-        def history_buffer_method(obj: Any, name: str) -> Any:
-            if obj is HistoryBuffer and name in _HISTORY_BUFFER_METHODS:
-                return getattr(obj, name)
-            raise pickle.UnpicklingError(f"Unsupported global: GLOBAL builtins.getattr is "
-                                         f"allowed for HistoryBuffer statistics only, not "
-                                         f"{name!r}")
-        allowed += [HistoryBuffer, (history_buffer_method, "builtins.getattr")]
     torch.serialization.add_safe_globals(allowed)
+
+
+def _allow_history_buffer() -> None:
+    """add_safe_globals for the HistoryBuffer objects (and their statistics methods, pickled
+    through getattr) that mmengine's resume checkpoints hold."""
+    try:
+        from mmengine.logging.history_buffer import HistoryBuffer
+    except ImportError:
+        return
+
+    def history_buffer_method(obj: Any, name: str) -> Any:
+        if obj is HistoryBuffer and name in _HISTORY_BUFFER_METHODS:
+            return getattr(obj, name)
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL builtins.getattr is "
+                                     f"allowed for HistoryBuffer statistics only, not {name!r}")
+    torch.serialization.add_safe_globals([HistoryBuffer, (history_buffer_method, "builtins.getattr")])
 
 
 def _mmengine_safe_loader() -> None:
@@ -155,7 +163,14 @@ def _mmengine_safe_loader() -> None:
         return safe_load(filename, map_location)
 
 
+@functools.cache
+def mm_shims() -> None:
+    """Shim 2 and the mmengine part of 3 (module docstring), once per process: call before
+    importing mmcv, mmengine or mmseg."""
+    _mmcv_ext_stub()
+    _allow_history_buffer()
+    _mmengine_safe_loader()
+
+
 _TV_LIB = _torchvision_shim()
-_mmcv_ext_stub()
-_allow_mmengine_checkpoint_types()
-_mmengine_safe_loader()
+_allow_numpy_types()

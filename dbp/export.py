@@ -13,8 +13,7 @@ final_norm=False and taps the blocks before it (as `forward_encoder_features` do
 """
 from __future__ import annotations
 
-import dbp._compat  # noqa: F401  (before timm/mmseg: see that module)
-from dbp._compat import safe_load
+from dbp._compat import mm_shims, safe_load  # first: before timm (see that module)
 
 import contextlib
 import hashlib
@@ -160,6 +159,7 @@ def _is_init_key(key: str) -> bool:
 def build_backbone(model_name: str, checkpoint: str | Path | None = None, **cfg) -> torch.nn.Module:
     """The mmseg MAE backbone for `model_name`, initialised as mmseg does (init_weights),
     from `checkpoint` if given. mmengine's loader prints to stdout; that goes nowhere here."""
+    mm_shims()
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
 

@@ -19,7 +19,9 @@ data, settings and seed give the same score.
 """
 from __future__ import annotations
 
-import dbp._compat  # noqa: F401  (before timm/mmseg: see that module)
+from dbp._compat import mm_shims
+
+mm_shims()  # before mmcv, mmengine and mmseg (see dbp._compat)
 
 import time
 import warnings

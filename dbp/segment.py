@@ -15,7 +15,9 @@ the run's log file under `<out>/<timestamp>/`.
 """
 from __future__ import annotations
 
-import dbp._compat  # noqa: F401  (before timm/mmseg: see that module)
+from dbp._compat import mm_shims
+
+mm_shims()  # before mmcv, mmengine and mmseg (see dbp._compat)
 
 import contextlib
 import dataclasses
