@@ -158,22 +158,13 @@ class DecorMixin:
                     variance_term=self.variance_term)
         return {**opts, "center": self.center} if form == "rows" else {**opts, "stabilize": self.stabilize}
 
-    @torch.no_grad()
     def update(self) -> bool:
         """Apply one R step from the statistics gathered since the last update (`pending`);
         returns whether there were any. The step is computed even when decor_lr = 0, so that
         arm pays the full cost (the overhead-only control). The loss and correlation of these
-        statistics are computed only when read. `dbp.decorrelate.update_all` steps many
-        layers at once, batching those of one width."""
-        with _no_autocast(self.R.device):
-            stats = self.pending()
-            if stats is None:
-                return False
-            form, t = stats
-            step = decor_step_rows if form == "rows" else decor_step
-            self.R.copy_(step(self.R, t, **self.step_options(form)))
-        self.reset_stats()
-        return True
+        statistics are computed only when read. `update_layers` steps many layers at once,
+        batching those of one width; this is it for one layer."""
+        return update_layers([self]) == 1
 
     def _last_sums(self) -> tuple[Tensor, Tensor, float] | None:
         if isinstance(self._last, Tensor):
@@ -212,7 +203,7 @@ def update_layers(modules: Iterable[DecorMixin]) -> int:
     steps have the same form, shape and settings (a ViT's qkv, proj and fc1 all read width
     d) step together: their R and statistics stacked, one batched product instead of one
     small product per layer (same R as `update()` each, up to rounding)."""
-    groups: dict[tuple, list[tuple[DecorMixin, Tensor]]] = {}
+    groups: dict[tuple, tuple[str, dict, list[tuple[DecorMixin, Tensor]]]] = {}
     for m in modules:
         with _no_autocast(m.R.device):
             stats = m.pending()
@@ -220,13 +211,11 @@ def update_layers(modules: Iterable[DecorMixin]) -> int:
             continue
         form, t = stats
         opts = m.step_options(form)
-        batchable = opts.get("stabilize", "none") == "none"
-        key = (form, tuple(t.shape), t.dtype, t.device, m.R.dtype, tuple(sorted(opts.items())),
-               None if batchable else id(m))
-        groups.setdefault(key, []).append((m, t))
-    for (form, *_), members in groups.items():
+        alone = None if opts.get("stabilize", "none") == "none" else id(m)  # projection: 2-D only
+        key = (form, tuple(t.shape), t.dtype, t.device, m.R.dtype, tuple(sorted(opts.items())), alone)
+        groups.setdefault(key, (form, opts, []))[2].append((m, t))
+    for form, opts, members in groups.values():
         step = decor_step_rows if form == "rows" else decor_step
-        opts = members[0][0].step_options(form)
         with _no_autocast(members[0][0].R.device):
             if len(members) == 1:
                 (m, t), = members
@@ -238,7 +227,7 @@ def update_layers(modules: Iterable[DecorMixin]) -> int:
                     m.R.copy_(r)
         for m, _ in members:
             m.reset_stats()
-    return sum(len(v) for v in groups.values())
+    return sum(len(members) for _, _, members in groups.values())
 
 
 _DEFAULTS = dict(fused=True, sample_frac=0.1, replacement=False, decor_lr=1e-3, kappa=1e-3,
