@@ -3,6 +3,7 @@
     dbp data make --root data/embedded            # the embedded default data (cached)
     dbp data subset --config C --seed S --out F   # a seeded train-subset manifest
     dbp pretrain --config C --arm dbp --seed 0 --out results/x/pretrain/dbp/seed0
+    dbp pretrain-runs --config C --seed 0 --results R dbp dbp__steps=60   # a study's runs, one process
     dbp export --pretrain-run R --out F.pth       # fused encoder of R/final.pt, for mmseg
     dbp finetune --config C --pretrained F.pth --seed S --out D   # UperNet; 'none' = scratch
     dbp probe --config C --seed S --encoder bp=F.pth --encoder scratch=none --out D   # linear probe
@@ -67,23 +68,56 @@ def _cmd_pretrain(args) -> None:
         get_arm(args.arm)
     except UnknownArmError as e:
         sys.exit(f"dbp pretrain: --arm: {e}")
+    steps = _steps_overrides(args.steps_from) if args.steps_from else []
+    _pretrain_run(args, args.overrides + steps, args.arm, args.out, args.run_id or args.arm, args.role,
+                  args.tuned)  # every --set is the run's sweep point, as a workflow gave them
+
+
+def _cmd_pretrain_runs(args) -> None:
+    from dbp.downstream import run_role, study_runs
+    cfg = load_config(args.config, args.overrides)
+    runs, jobs = study_runs(cfg), []
+    for rid in args.runs:  # every run checked before any work
+        if rid not in runs:
+            raise ConfigError(f"run {rid!r} is not a run of study {cfg.name!r} (its runs: "
+                              f"{', '.join(sorted(runs))})")
+        run = runs[rid]
+        if args.seed not in run.seeds:
+            raise ConfigError(f"run {rid!r} has no seed {args.seed} (its seeds: {list(run.seeds)})")
+        role, tuned = run_role(cfg, run, args.seed), args.tuned if run.tuned else None
+        if cfg.tuning.enabled and run.tuned and not tuned:
+            raise ConfigError(f"run {rid!r} reads the tuning winners: give --tuned (selected.json)")
+        if role == DOWNSTREAM and not args.steps_from:
+            raise ConfigError(f"run {rid!r} trains for another arm's wall-clock: give --steps-from")
+        steps = _steps_overrides(args.steps_from) if role == DOWNSTREAM else []
+        jobs.append((rid, run, role, tuned, run.set_args() + steps))
+    for i, (rid, run, role, tuned, point) in enumerate(jobs, 1):
+        print(f"[pretrain] run {i} of {len(jobs)}: {rid}/seed{args.seed} ({role})", flush=True)
+        _pretrain_run(args, point, run.arm, args.results / "pretrain" / rid / f"seed{args.seed}", rid, role,
+                      tuned, args.overrides)
+
+
+def _steps_overrides(path: Path) -> list[str]:
+    from dbp.downstream import steps_overrides
+    return steps_overrides(path)
+
+
+def _pretrain_run(args, sweep_point: list[str], arm: str, out: Path, run_id: str, role: str,
+                  tuned_path: Path | None, config_sets: tuple[str, ...] = ()) -> None:
+    """One pre-training run of `arm`: the config file with `config_sets`, then the run's own
+    `sweep_point` overrides (recorded in run.json) and, from `tuned_path`, the arm's winners."""
     import dbp._compat  # noqa: F401  (before timm)
     from dbp.provenance import set_quiet_env
     from dbp.pretrain import RunSpec, pretrain
     set_quiet_env()
-    if args.steps_from:
-        from dbp.downstream import steps_overrides
-        args.overrides += steps_overrides(args.steps_from)
-    cfg = load_config(args.config, args.overrides)
-    sweep = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)}
-    tuned = _tuned_values(args.tuned, args.arm) if args.tuned else {}
-    cfg = with_tuned(cfg, args.arm, tuned)
-    info = pretrain(RunSpec.from_study(
-        cfg, args.arm, args.seed, args.out, args.manifest,
-        run_info={"run_id": args.run_id or args.arm, "role": args.role, "sweep": sweep, "tuned": tuned}))
+    cfg = load_config(args.config, [*config_sets, *sweep_point])
+    sweep = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in sweep_point)}
+    tuned = _tuned_values(tuned_path, arm) if tuned_path else {}
+    cfg = with_tuned(cfg, arm, tuned)
+    info = pretrain(RunSpec.from_study(cfg, arm, args.seed, out, args.manifest,
+                                       run_info={"run_id": run_id, "role": role, "sweep": sweep, "tuned": tuned}))
     if info["status"] == "diverged":
-        print(f"diverged at step {info.get('diverged_at_step')}; evidence in {args.out}",
-              file=sys.stderr)
+        print(f"diverged at step {info.get('diverged_at_step')}; evidence in {out}", file=sys.stderr)
 
 
 def _cmd_stepcost(args) -> None:
@@ -148,7 +182,7 @@ def _cmd_export(args) -> None:
 
 
 def _cmd_finetune(args) -> None:
-    from dbp.export import ExportError, check_checkpoint_file
+    from dbp.export import ExportError, encoder_for
     from dbp.provenance import set_quiet_env
     from dbp.seg_recipe import resolve_recipe
     from dbp.segment import ade_root, finetune
@@ -158,7 +192,7 @@ def _cmd_finetune(args) -> None:
     pretrained = None if str(args.pretrained) == "none" else args.pretrained
     try:
         if pretrained is not None:
-            check_checkpoint_file(pretrained, "pretrained encoder")
+            pretrained = encoder_for(pretrained, args.out)
         m = finetune(args.out, recipe=resolve_recipe(f.preset, f.recipe_overrides()),
                      pretrained=pretrained, data_root=ade_root(f.kind, f.root, f.embedded_seed),
                      seed=args.seed, model_name=cfg.pretrain.model, fraction=f.fraction,
@@ -176,7 +210,7 @@ def _cmd_finetune(args) -> None:
 
 
 def _cmd_probe(args) -> None:
-    from dbp.export import ExportError, check_checkpoint_file
+    from dbp.export import ExportError, encoder_for
     from dbp.provenance import set_quiet_env
     from dbp.seg_probe import load_probe_data, probe
     from dbp.segment import ade_root
@@ -185,8 +219,9 @@ def _cmd_probe(args) -> None:
     f = cfg.finetune
     encoders = dict(_named_encoder(e) for e in args.encoder)
     try:
-        for path in filter(None, encoders.values()):  # every file before any work
-            check_checkpoint_file(path, "pretrained encoder")
+        for name, path in encoders.items():  # every encoder checked (and exported) before the probes
+            if path is not None:
+                encoders[name] = encoder_for(path, args.out / name / f"seed{args.seed}")
         data = load_probe_data(ade_root(f.kind, f.root, f.embedded_seed), cfg.probe, cfg.pretrain.model)
         for name, path in encoders.items():
             m = probe(args.out / name / f"seed{args.seed}", data=data, settings=cfg.probe, pretrained=path,
@@ -198,7 +233,7 @@ def _cmd_probe(args) -> None:
 
 
 def _named_encoder(text: str) -> tuple[str, Path | None]:
-    """`NAME=PATH` (an export) or `NAME=none` (random init) -> (name, path or None)."""
+    """`NAME=PATH` (an export or a run folder) or `NAME=none` (random init) -> (name, path or None)."""
     name, sep, path = text.partition("=")
     if not (sep and name and path):
         raise ConfigError(f"--encoder {text!r}: must look like NAME=PATH or NAME=none")
@@ -276,6 +311,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps and warm-up from `dbp equal-compute` (the equal-compute BP run)")
     p.set_defaults(func=_cmd_pretrain)
 
+    p = sub.add_parser("pretrain-runs", help="runs of a study, by run id, one after another in one process")
+    _config_args(p)
+    p.add_argument("runs", nargs="+", metavar="RUN_ID", help="run ids of the study (its folders under "
+                   "results/<study>/pretrain), e.g. dbp dbp__steps=60 dbp__steps=180")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--results", type=Path, required=True, help="results/<study>: each run writes "
+                   "pretrain/<run id>/seed<seed>/ there")
+    p.add_argument("--manifest", type=Path, help="train-subset manifest (default: sample by seed)")
+    p.add_argument("--tuned", type=Path, help="selected.json from `dbp select` (runs that read the winners)")
+    p.add_argument("--steps-from", type=Path, help="steps from `dbp equal-compute` (equal-compute runs)")
+    p.set_defaults(func=_cmd_pretrain_runs)
+
     p = sub.add_parser("stepcost", help="every arm's step time, interleaved side by side")
     _config_args(p)
     p.add_argument("--seed", type=int, required=True, help="initial weights and data order")
@@ -298,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="UperNet segmentation fine-tuning of one encoder")
     _config_args(p)
     p.add_argument("--pretrained", type=Path, required=True,
-                   help="checkpoint from `dbp export`, or 'none' for the random-init scratch arm")
+                   help="an export from `dbp export`, a pre-training run folder (exported here "
+                        "first, into OUT), or 'none' for the random-init scratch arm")
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--manifest", type=Path, help="train-subset manifest of ADE stems "
@@ -309,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("probe", help="linear segmentation probe of frozen encoders of one seed")
     _config_args(p)
     p.add_argument("--encoder", action="append", required=True, metavar="NAME=PATH",
-                   help="an export from `dbp export`, or NAME=none for a random init (scratch); "
+                   help="an export from `dbp export`, a pre-training run folder (exported first, "
+                        "into OUT/NAME/seedSEED), or NAME=none for a random init (scratch); "
                         "repeatable: the data are loaded once")
     p.add_argument("--seed", type=int, required=True,
                    help="the encoders' scored seed (head seeds, scratch init)")

@@ -288,6 +288,16 @@ class StepCostConfig:
 
 
 @_section
+class JobsConfig:
+    """How the workflow packs runs into jobs (never what a run computes: not in any digest).
+    `group_runs`: an arm's budget ladder on one seed, and its tuning trials on one seed, run
+    one after another in one job, so the process start-up (imports, codecarbon's hardware
+    probe: about 6 s on 2 cores) is paid once per group instead of once per run. false: one
+    job per run, for clusters with more GPUs than groups."""
+    group_runs: Bool = True
+
+
+@_section
 class SweepConfig:
     """Exploratory pre-training runs (role "sweep", on the tuning seeds, never scored): the
     cartesian product of `grid` (e.g. dbp.decor_lr x dbp.kappa) for each arm in `arms`."""
@@ -308,6 +318,7 @@ class Run:
     seeds: tuple[int, ...]
     tuned: bool = True
     sweep: str | None = None
+    kind: Literal["base", "budget", "trial", "sweep", "downstream"] = "base"
 
     def set_args(self) -> list[str]:
         """The overrides as `dbp pretrain --set` values."""
@@ -329,6 +340,7 @@ class StudyConfig:
     tuning: TuningConfig = field(default_factory=TuningConfig)
     budgets: BudgetsConfig = field(default_factory=BudgetsConfig)
     stepcost: StepCostConfig = field(default_factory=StepCostConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
     # per-arm pinned overrides of the pretrain section, e.g. {"dbp": {"blr": 8e-3}}
     arm_overrides: dict[Str, dict[Str, Any]] = field(default_factory=dict)
     sweeps: dict[Str, SweepConfig] = field(default_factory=dict)
@@ -407,16 +419,33 @@ class StudyConfig:
             steps = max(1, round(scale * p.steps))
             point = (("pretrain.steps", steps), ("pretrain.warmup_steps", round(scale * p.warmup_steps)))
             for arm in self.tuned_arms():
-                add(Run(f"{arm}__steps={steps}", arm, point, budget_seeds), "budgets.scales")
+                add(Run(f"{arm}__steps={steps}", arm, point, budget_seeds, kind="budget"), "budgets.scales")
         if self.tuning.enabled:
             for point in _grid_points(self.tuning.grid):
                 for arm in self.tuned_arms():
-                    add(Run(_run_id(arm, point), arm, point, s.tuning, tuned=False), "tuning.grid")
+                    add(Run(_run_id(arm, point), arm, point, s.tuning, tuned=False, kind="trial"),
+                        "tuning.grid")
         for name, sweep in self.sweeps.items():
             for point in _grid_points(sweep.grid):
                 for arm in sweep.arms:
-                    add(Run(_run_id(arm, point), arm, point, s.tuning, sweep=name), f"sweeps.{name}")
+                    add(Run(_run_id(arm, point), arm, point, s.tuning, sweep=name, kind="sweep"),
+                        f"sweeps.{name}")
         return out
+
+    def grouped_jobs(self) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+        """The jobs that run several runs of one arm and seed (jobs.group_runs): "ladder" (the
+        base run and its budgets, on the budget seeds) and "trials" (the tuning grid, on the
+        tuning seeds), each as (run-id suffixes after the arm, seeds); the same suffixes for
+        every tuned arm. Empty when runs are not grouped; a kind with one run is left out."""
+        if not self.jobs.group_runs or not self.tuned_arms():
+            return {}
+        arm, runs = self.tuned_arms()[0], self.runs().values()
+
+        def suffixes(kind: str) -> tuple[str, ...]:
+            return tuple(r.run_id.removeprefix(arm) for r in runs if r.arm == arm and r.kind == kind)
+        jobs = {"ladder": (("", *suffixes("budget")), self.seeds.scored[:self.budgets.seeds]),
+                "trials": (suffixes("trial"), self.seeds.tuning)}
+        return {k: v for k, v in jobs.items() if len(v[0]) > 1 and v[1]}
 
     def role(self, run: Run, seed: int) -> str:
         """The role of one run (rule 1, 5, 8): decided by the seed set it belongs to."""

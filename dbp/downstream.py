@@ -42,8 +42,18 @@ def downstream_runs(cfg: StudyConfig) -> dict[str, Run]:
     of probe.equal_compute, on the probed seeds), by run id."""
     if not cfg.probe.enabled:
         return {}
-    runs = (Run(equal_compute_id(a), BASELINE, (), probe_seeds(cfg)) for a in cfg.probe.equal_compute)
+    runs = (Run(equal_compute_id(a), BASELINE, (), probe_seeds(cfg), kind=ROLE) for a in cfg.probe.equal_compute)
     return {r.run_id: r for r in runs}
+
+
+def study_runs(cfg: StudyConfig) -> dict[str, Run]:
+    """Every pre-training run family of the study, the downstream stage's among them."""
+    return {**cfg.runs(), **downstream_runs(cfg)}
+
+
+def run_role(cfg: StudyConfig, run: Run, seed: int) -> str:
+    """A run's role: "downstream" for the equal-compute runs, else by its seed set."""
+    return ROLE if run.kind == ROLE else cfg.role(run, seed)
 
 
 def probe_arms(cfg: StudyConfig) -> list[str]:

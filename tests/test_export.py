@@ -272,3 +272,19 @@ def test_exports_and_mmengine_checkpoints_still_load_safely(tmp_path):
     torch.save({"x": Reach()}, tmp_path / "reach.pth")
     with pytest.raises(UnsafeCheckpointError, match="reach.pth: refusing"):
         CheckpointLoader.load_checkpoint(str(tmp_path / "reach.pth"))
+
+
+def test_encoder_for_exports_a_run_folder_once_and_passes_an_export_through(tmp_path):
+    from dbp.export import encoder_for, read_export
+    write_final_pt(tmp_path / "run" / "final.pt", dbp=True)
+    out = encoder_for(tmp_path / "run", tmp_path / "probe")
+    assert out == tmp_path / "probe" / "encoder.pth" and read_export(out)[1]["arm"] == "dbp"
+    first = out.read_bytes()
+    assert encoder_for(tmp_path / "run", tmp_path / "probe") == out and out.read_bytes() == first  # kept
+    write_final_pt(tmp_path / "run" / "final.pt", dbp=True, seed=1)  # another final.pt: exported anew
+    encoder_for(tmp_path / "run", tmp_path / "probe")
+    assert out.read_bytes() != first
+    assert encoder_for(out, tmp_path / "elsewhere") == out and not (tmp_path / "elsewhere").exists()
+    with pytest.raises(FileNotFoundError, match="pre-training checkpoint .*empty.final.pt not found"):
+        (tmp_path / "empty").mkdir()
+        encoder_for(tmp_path / "empty", tmp_path / "x")

@@ -220,3 +220,44 @@ def test_pretraining_imports_no_segmentation_stack():
             "assert 'mmcv._ext' in sys.modules and 'mmseg' in sys.modules")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def _study_sets(imagenet):
+    """A one-seed study (tuning pinned) with a ladder at 0.5x: runs dbp and dbp__steps=3."""
+    return [f"--set={s}" for s in ("data.kind=imagenet", f"data.root={imagenet}", "pretrain.batch_size=8",
+                                   "pretrain.steps=6", "pretrain.warmup_steps=2", "pretrain.eval_every=2",
+                                   "pretrain.checkpoint_every=2", "energy.enabled=false", "tuning.enabled=false",
+                                   "seeds.scored=[0]", "budgets.scales=[0.5]", "budgets.seeds=1",
+                                   "finetune.seeds=1", "probe.seeds=1", "arms=[bp,dbp]")]
+
+
+def test_pretrain_runs_runs_a_ladder_in_one_process_as_separate_runs_would(imagenet, tmp_path, capsys):
+    from dbp.cli import main
+    main(["pretrain-runs", *_study_sets(imagenet), "--seed", "0", "--results", str(tmp_path), "dbp", "dbp__steps=3"])
+    out = capsys.readouterr().out
+    assert "run 1 of 2: dbp/seed0 (scored)" in out and "run 2 of 2: dbp__steps=3/seed0 (scored)" in out
+    short = tmp_path / "pretrain" / "dbp__steps=3" / "seed0"
+    info = json.loads((short / "run.json").read_text())
+    assert info["run_id"] == "dbp__steps=3" and info["role"] == "scored" and info["steps_done"] == 3
+    assert info["sweep"] == {"pretrain.steps": 3, "pretrain.warmup_steps": 1}
+    # the same run alone, in a fresh call: the same numbers (nothing leaks between the runs)
+    alone = _cfg(imagenet, **{"pretrain.steps": 3, "pretrain.warmup_steps": 1, "tuning.enabled": "false"})
+    _run(alone, "dbp", tmp_path / "alone")
+    _same_non_time(_rows(short), _rows(tmp_path / "alone"))
+    assert json.loads((tmp_path / "pretrain" / "dbp" / "seed0" / "run.json").read_text())["steps_done"] == 6
+
+
+@pytest.mark.parametrize("args,message", [
+    (["dpb"], "run 'dpb' is not a run of study 'default' (its runs: bp, bp__equal_compute_dbp, bp__steps=3, dbp, dbp__steps=3)"),
+    (["dbp__steps=3", "--seed", "7"], "run 'dbp__steps=3' has no seed 7 (its seeds: [0])"),
+    (["dbp", "--set", "tuning.enabled=true"], "run 'dbp' reads the tuning winners: give --tuned (selected.json)"),
+])
+def test_pretrain_runs_names_a_bad_run_in_one_line(imagenet, tmp_path, args, message):
+    from dbp.cli import main
+    argv = ["pretrain-runs", *_study_sets(imagenet), "--results", str(tmp_path), *args]
+    if "--seed" not in args:
+        argv += ["--seed", "0"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert str(e.value.code) == f"dbp pretrain-runs: config error: {message}"
+    assert not (tmp_path / "pretrain").exists()  # checked before any run started

@@ -9,13 +9,13 @@ from pathlib import Path
 import yaml
 from snakemake.settings.types import DeploymentMethod
 from dbp.config import to_dict
-from dbp.downstream import ROLE as DOWNSTREAM, downstream_runs, equal_compute_id, probe_arms, probe_seeds
+from dbp.downstream import downstream_runs, equal_compute_id, probe_arms, probe_seeds, study_runs
 
 RESOLVED = to_dict(STUDY)
 CONFIG_DIGEST = hashlib.sha256(json.dumps(RESOLVED, sort_keys=True).encode()).hexdigest()
 # The equal-compute BP runs (role "downstream"), whose steps a job derives from the records.
 DOWNSTREAM_RUNS = downstream_runs(STUDY)
-RUNS = {**STUDY.runs(), **DOWNSTREAM_RUNS}  # run id -> arm, overrides (trial, budget, sweep point), seeds
+RUNS = study_runs(STUDY)  # run id -> arm, overrides (trial, budget, sweep point), seeds
 EQUAL_STEPS = {equal_compute_id(a): f"{RESULTS}/equal_compute/{a}.json" for a in STUDY.probe.equal_compute}
 STUDY_CONFIG = f"{RESULTS}/config.yaml"
 # The tuning winners per arm, written by `select`, read by every target-setting and scored run.
@@ -41,6 +41,24 @@ def launch(gpus):
     gives the job its own devices on a workstation and, when the job runs, starts one plain
     process or, for more than one GPU, torchrun (DDP) inside the one job."""
     return f"{DBP} gpus {gpus} -- dbp"
+
+
+# The command of every pre-training job (pretrain.smk): the study's runs by id, in one process.
+PRETRAIN_SHELL = (
+    "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} {params.launch} pretrain-runs --config {input.config} "
+    "--seed {wildcards.seed} --manifest {input.manifest} --results {params.results} {params.tuned} "
+    "{params.steps_from} {params.runs} > {log} 2>&1"
+)
+
+
+def run_ids(output):
+    """The run ids of a job's run.json outputs."""
+    return [Path(p).parents[1].name for p in output.runs]
+
+
+def results_of(w, output):
+    """results/<study>, above a job's pretrain/<run>/seed<seed>/run.json outputs."""
+    return Path(output.runs[0]).parents[3]
 
 
 def one_of(names):
@@ -73,11 +91,6 @@ def steps_of(w):
     return [EQUAL_STEPS[w.run]] if w.run in DOWNSTREAM_RUNS else []
 
 
-def role_of(w):
-    """A run's role: "downstream" for the equal-compute runs, else by its seed set."""
-    return DOWNSTREAM if w.run in DOWNSTREAM_RUNS else STUDY.role(RUNS[w.run], int(w.seed))
-
-
 def finetune_outputs():
     return [f"{RESULTS}/finetune/{a}/seed{s}/metrics.json"
             for a in STUDY.finetune_arms() for s in STUDY.finetune_seeds()]
@@ -88,13 +101,14 @@ def probe_outputs():
 
 
 def probe_encoders(seed):
-    """The exports a seed's probe job reads, by encoder name (scratch has none)."""
-    return {a: f"{RESULTS}/export/{a}/seed{seed}/encoder.pth" for a in probe_arms(STUDY) if a != "scratch"}
+    """The pre-training runs a seed's probe job exports and probes, by encoder name (scratch
+    has none)."""
+    return {a: f"{RESULTS}/pretrain/{a}/seed{seed}" for a in probe_arms(STUDY) if a != "scratch"}
 
 
 def encoder_of(w):
-    """The exported encoder a fine-tune starts from (none for scratch)."""
-    return [] if w.arm == "scratch" else f"{RESULTS}/export/{w.arm}/seed{w.seed}/encoder.pth"
+    """The pre-training run a fine-tune exports and starts from (none for scratch)."""
+    return [] if w.arm == "scratch" else f"{RESULTS}/pretrain/{w.arm}/seed{w.seed}/run.json"
 
 
 REPORT_TABLES = {  # table -> report subcategory

@@ -1,25 +1,6 @@
-# Export (fuse DBP, mmseg keys, self-checked) and segmentation fine-tuning, arm x seed.
+# Segmentation fine-tuning, arm x seed: the job exports its pre-training run first (fuse DBP,
+# mmseg keys, self-checked; into the fine-tune's folder), then fine-tunes UperNet on it.
 # "scratch" fine-tunes a randomly initialised encoder: the control for pre-training itself.
-# Exports serve the probe (probe.smk) too, the equal-compute BP runs' among them.
-
-rule export:
-    input:
-        f"{RESULTS}/pretrain/{{arm}}/seed{{seed}}/run.json",
-    output:
-        f"{RESULTS}/export/{{arm}}/seed{{seed}}/encoder.pth",
-    params:
-        dbp=DBP,
-        run=lambda w, input: Path(input[0]).parent,
-    log:
-        f"{RESULTS}/logs/export/{{arm}}/seed{{seed}}.log",
-    wildcard_constraints:
-        arm=one_of([*STUDY.arms, *DOWNSTREAM_RUNS]),
-        seed=r"\d+",
-    conda:
-        ENV
-    shell:
-        "{params.dbp} export --pretrain-run {params.run} --out {output} > {log} 2>&1"
-
 
 rule finetune:
     input:
@@ -30,7 +11,7 @@ rule finetune:
         metrics=f"{RESULTS}/finetune/{{arm}}/seed{{seed}}/metrics.json",
     params:
         out=lambda w, output: Path(output.metrics).parent,
-        encoder=lambda w, input: input.encoder or "none",
+        encoder=lambda w, input: Path(input.encoder).parent if input.encoder else "none",
         launch=lambda w, resources: launch(resources.gpu),
     log:
         f"{RESULTS}/logs/finetune/{{arm}}/seed{{seed}}.log",

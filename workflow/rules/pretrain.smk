@@ -1,10 +1,12 @@
-# MAE pre-training: one job per run family (arm, tuning trial, budget, sweep point) x seed.
-# The seed decides the run's role (target, tuning, scored, sweep; docs/protocol.md); every
-# run but the tuning trials reads the per-arm winners that `select` wrote; an equal-compute
-# BP run (role downstream) also reads its step count from `equal_compute`. A job takes all
-# the cores it is given, so on a small machine jobs run one at a time and their clocks do
-# not compete; a killed job resumes from its checkpoint when re-run with the same config.
-
+# MAE pre-training: the study's runs (arm, tuning trial, budget, sweep point) x seed, through
+# `dbp pretrain-runs`. With jobs.group_runs (the default) an arm's budget ladder on one seed
+# and its tuning trials on one seed each run in one job, one after another: one process
+# start-up instead of three. The seed decides a run's role (target, tuning, scored, sweep;
+# docs/protocol.md); every run but the tuning trials reads the per-arm winners that `select`
+# wrote; an equal-compute BP run (role downstream) also reads its step count from
+# `equal_compute`. A job takes all the cores it is given, so on a small machine jobs run one
+# at a time and their clocks do not compete; a killed job resumes each unfinished run from
+# its checkpoint when re-run with the same config.
 
 rule pretrain:
     input:
@@ -13,14 +15,12 @@ rule pretrain:
         selected=selected_of,
         steps=steps_of,
     output:
+        runs=[f"{RESULTS}/pretrain/{{run}}/seed{{seed}}/run.json"],
         metrics=f"{RESULTS}/pretrain/{{run}}/seed{{seed}}/metrics.csv",
-        run=f"{RESULTS}/pretrain/{{run}}/seed{{seed}}/run.json",
     params:
-        out=lambda w, output: Path(output.run).parent,
-        arm=lambda w: RUNS[w.run].arm,
+        results=results_of,
         launch=lambda w, resources: launch(resources.gpu),
-        sets=lambda w: " ".join(f"--set '{a}'" for a in RUNS[w.run].set_args()),
-        role=role_of,
+        runs=lambda w, output: " ".join(run_ids(output)),
         tuned=lambda w, input: f"--tuned {input.selected}" if input.selected else "",
         steps_from=lambda w, input: f"--steps-from {input.steps}" if input.steps else "",
     log:
@@ -38,9 +38,45 @@ rule pretrain:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} {params.launch} pretrain --config {input.config} --arm {params.arm} "
-        "--run-id {wildcards.run} --role {params.role} {params.tuned} {params.steps_from} {params.sets} "
-        "--seed {wildcards.seed} --manifest {input.manifest} --out {params.out} > {log} 2>&1"
+        PRETRAIN_SHELL
+
+
+for kind, (suffixes, seeds) in STUDY.grouped_jobs().items():
+
+    rule:
+        name:
+            f"pretrain_{kind}"
+        input:
+            config=STUDY_CONFIG,
+            manifest=f"{RESULTS}/manifests/pretrain_seed{{seed}}.txt",
+            selected=[SELECTED] if SELECTED and kind == "ladder" else [],
+        output:
+            runs=[f"{RESULTS}/pretrain/{{arm}}{s}/seed{{seed}}/run.json" for s in suffixes],
+            metrics=[f"{RESULTS}/pretrain/{{arm}}{s}/seed{{seed}}/metrics.csv" for s in suffixes],
+        params:
+            results=results_of,
+            launch=lambda w, resources: launch(resources.gpu),
+            runs=lambda w, output: " ".join(run_ids(output)),
+            tuned=lambda w, input: f"--tuned {input.selected}" if input.selected else "",
+            steps_from="",
+        log:
+            f"{RESULTS}/logs/pretrain_{kind}/{{arm}}/seed{{seed}}.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/pretrain_{kind}/{{arm}}/seed{{seed}}.tsv"
+        threads: TRAIN_THREADS
+        resources:
+            gpu=GPUS_PER_JOB,
+            mem_mb=4000,
+            runtime=60 * len(suffixes),
+        wildcard_constraints:
+            arm=one_of(STUDY.tuned_arms()),
+            seed=one_of(seeds),
+        conda:
+            ENV
+        shell:
+            PRETRAIN_SHELL
+
+    workflow.ruleorder(f"pretrain_{kind}", "pretrain")  # `ruleorder:` for a rule named in a loop
 
 
 rule pretrain_all:

@@ -1,7 +1,7 @@
 # The linear probe of each frozen encoder (dbp probe, docs/downstream.md): the downstream
 # measure that tells encoders apart on the embedded data. One job per probed scored seed probes
 # all its encoders (every pre-trained arm, the equal-compute BP runs, scratch) on data loaded
-# once. `equal_compute` derives an equal-compute run's steps from the records (the arm's
+# once, exporting each pre-trained one first (dbp.export, self-checked) in the same process. `equal_compute` derives an equal-compute run's steps from the records (the arm's
 # run.json, the side-by-side step cost), which its pre-training job reads.
 
 rule equal_compute:
@@ -29,7 +29,7 @@ rule probe:
     input:
         FT_DATA,
         config=STUDY_CONFIG,
-        encoders=lambda w: list(probe_encoders(w.seed).values()),
+        runs=lambda w: [f"{run}/run.json" for run in probe_encoders(w.seed).values()],
     output:
         [f"{RESULTS}/probe/{a}/seed{{seed}}/metrics.json" for a in probe_arms(STUDY)],
     params:
