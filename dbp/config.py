@@ -290,10 +290,11 @@ class StepCostConfig:
 @_section
 class JobsConfig:
     """How the workflow packs runs into jobs (never what a run computes: not in any digest).
-    `group_runs`: an arm's budget ladder on one seed, and its tuning trials on one seed, run
-    one after another in one job, so the process start-up (imports, codecarbon's hardware
-    probe: about 6 s on 2 cores) is paid once per group instead of once per run. false: one
-    job per run, for clusters with more GPUs than groups."""
+    `group_runs`: a scored seed's runs (every arm, every budget) run one after another in one
+    job, and so do the tuning trials of a tuning seed: the process start-up (imports,
+    codecarbon's hardware probe: about 6 s on 2 cores) is paid once per seed instead of once
+    per run, and a seed's arms are timed minutes apart. false: one job per run, for clusters
+    with GPUs to run them side by side."""
     group_runs: Bool = True
 
 
@@ -433,18 +434,16 @@ class StudyConfig:
         return out
 
     def grouped_jobs(self) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
-        """The jobs that run several runs of one arm and seed (jobs.group_runs): "ladder" (the
-        base run and its budgets, on the budget seeds) and "trials" (the tuning grid, on the
-        tuning seeds), each as (run-id suffixes after the arm, seeds); the same suffixes for
-        every tuned arm. Empty when runs are not grouped; a kind with one run is left out."""
-        if not self.jobs.group_runs or not self.tuned_arms():
+        """The jobs that run several runs of one seed in one process (jobs.group_runs), as
+        (run ids, seeds): "scored" (every arm's base run and budget ladder, on the budget
+        seeds) and "trials" (every arm's tuning trials, on the tuning seeds). Empty when runs
+        are not grouped; a kind with fewer than two runs is left out."""
+        if not self.jobs.group_runs:
             return {}
-        arm, runs = self.tuned_arms()[0], self.runs().values()
-
-        def suffixes(kind: str) -> tuple[str, ...]:
-            return tuple(r.run_id.removeprefix(arm) for r in runs if r.arm == arm and r.kind == kind)
-        jobs = {"ladder": (("", *suffixes("budget")), self.seeds.scored[:self.budgets.seeds]),
-                "trials": (suffixes("trial"), self.seeds.tuning)}
+        runs = self.runs().values()
+        jobs = {"scored": (tuple(r.run_id for r in runs if r.kind in ("base", "budget")),
+                           self.seeds.scored[:self.budgets.seeds]),
+                "trials": (tuple(r.run_id for r in runs if r.kind == "trial"), self.seeds.tuning)}
         return {k: v for k, v in jobs.items() if len(v[0]) > 1 and v[1]}
 
     def role(self, run: Run, seed: int) -> str:

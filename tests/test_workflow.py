@@ -40,38 +40,42 @@ def test_default_dry_run(tmp_path):
     jobs = _dry_run_jobs(tmp_path)
     # runs: BP on 6 scored + 5 target seeds, dbp, identity and cadamw on 6, budget ladder 2
     # scales x 3 arms x 6 seeds, tuning 3 LRs x 3 arms x 1 seed, BP at DBP's wall-clock on 6.
-    # Jobs: each tuned arm's ladder (base + 2 budgets) on a scored seed is one job (3 x 6), its
-    # 3 trials one (3); alone: 5 target, 6 identity, 6 equal-compute runs; manifests for all 12
-    # seeds; the probe exports and probes bp, dbp, cadamw and equal-compute of 6 seeds (one job
-    # a seed); UperNet fine-tunes bp, dbp, cadamw and scratch of seed 0 (each exporting its own)
+    # Jobs: a scored seed's 10 runs are one job (6), the tuning seed's 9 trials one; alone: 5
+    # target and 6 equal-compute runs; manifests for all 12 seeds; the probe exports and
+    # probes bp, dbp, cadamw and equal-compute of 6 seeds (one job a seed); UperNet fine-tunes
+    # bp, dbp, cadamw and scratch of seed 0 (each exporting its own encoder)
     assert jobs == {"all": 1, "study_config": 1, "embedded_data": 1, "subset_manifest": 12,
-                    "pretrain": 5 + 6 + 6, "pretrain_ladder": 3 * 6, "pretrain_trials": 3, "select": 1,
+                    "pretrain": 5 + 6, "pretrain_scored": 6, "pretrain_trials": 1, "select": 1,
                     "stepcost": 1, "equal_compute": 1, "probe": 6, "finetune": 4, "summarize": 1,
                     "figures": 1}
 
 
 def _pretrain_jobs(text):
-    """(rule, wildcards, command) of every pre-training job of a dry run's -p output."""
-    blocks = [b for b in text.split("\nrule ") if b.startswith("pretrain")]
-    return [(b.split(":")[0], dict(re.findall(r"(\w+)=([^,\s]+)", b.split("wildcards:")[1].splitlines()[0])),
-             next(line for line in b.splitlines() if "pretrain-runs" in line)) for b in blocks]
+    """(rule, seed, run ids, command) of every pre-training job of a dry run's -p output."""
+    jobs = []
+    for block in (b for b in text.split("\nrule ") if b.startswith("pretrain")):
+        cmd = next(line for line in block.splitlines() if "pretrain-runs" in line)
+        words = cmd.split(" > ")[0].split("--results results/default")[1].split()
+        ids = [w for i, w in enumerate(words) if not w.startswith("--") and not words[i - 1].startswith("--")]
+        jobs.append((block.split(":")[0], int(re.search(r"--seed (\d+)", cmd)[1]), ids, cmd))
+    return jobs
 
 
 def test_every_run_once_and_only_trials_skip_the_tuning_selection(tmp_path):
     jobs = _pretrain_jobs(_snakemake(tmp_path, "-n", "-p").stdout)
-    runs = [(rid, w["seed"]) for _, w, cmd in jobs for rid in cmd.split(" > ")[0].split()[-3:]
-            if rid.split("__")[0] in ("bp", "dbp", "identity", "cadamw")]
-    assert len(jobs) == 17 + 18 + 3 and len(runs) == len(set(runs)) == 80
-    for rule, w, cmd in jobs:
-        ids = cmd.split(" > ")[0].split("--results results/default")[1].split()
-        ids = [i for i in ids if not i.startswith("--") and not i.endswith(".json")]
+    runs = [(rid, seed) for _, seed, ids, _ in jobs for rid in ids]
+    assert len(jobs) == 11 + 6 + 1 and len(runs) == len(set(runs)) == 80
+    ladder = [f"{a}{s}" for s in ("", "__steps=60", "__steps=180") for a in ("bp", "dbp", "identity", "cadamw")
+              if not (s and a == "identity")]  # budget by budget, the arms side by side
+    for rule, seed, ids, cmd in jobs:
         equal = ids == ["bp__equal_compute_dbp"]
-        if rule == "pretrain_ladder":
-            assert ids == [w["arm"], f"{w['arm']}__steps=60", f"{w['arm']}__steps=180"]
+        if rule == "pretrain_scored":
+            assert ids == ladder and seed in range(6)
         elif rule == "pretrain_trials":
-            assert ids == [f"{w['arm']}__blr={v}" for v in ("0.004", "0.008", "0.016")] and w["seed"] == "200"
+            assert ids == [f"{a}__blr={v}" for v in ("0.004", "0.008", "0.016") for a in ("bp", "dbp", "cadamw")]
+            assert seed == 200
         else:
-            assert len(ids) == 1 and (ids[0] in ("bp", "identity") or equal), cmd
+            assert ids == ["bp"] and seed >= 100 or equal, cmd
         assert ("--tuned results/default/tuning/selected.json" in cmd) == (rule != "pretrain_trials"), cmd
         # only the equal-compute runs take their steps from the records
         assert ("--steps-from results/default/equal_compute/dbp.json" in cmd) == equal
@@ -81,14 +85,14 @@ def test_ungrouped_runs_get_a_job_each(tmp_path):
     single = tmp_path / "single.yaml"
     single.write_text(yaml.safe_dump({"jobs": {"group_runs": False}}))
     jobs = _dry_run_jobs(tmp_path, "--configfile", _config("default.yaml"), str(single))
-    assert jobs["pretrain"] == 80 and "pretrain_ladder" not in jobs and "pretrain_trials" not in jobs
+    assert jobs["pretrain"] == 80 and "pretrain_scored" not in jobs and "pretrain_trials" not in jobs
 
 
 def test_pinned_values_skip_tuning(tmp_path):
     pinned = tmp_path / "pinned.yaml"
     pinned.write_text(yaml.safe_dump({"tuning": {"enabled": False}}))
     jobs = _dry_run_jobs(tmp_path, "--configfile", _config("default.yaml"), str(pinned))
-    assert "select" not in jobs and "pretrain_trials" not in jobs and jobs["pretrain"] == 17
+    assert "select" not in jobs and "pretrain_trials" not in jobs and jobs["pretrain"] == 11
     assert "--tuned" not in _snakemake(tmp_path, "-n", "-p", "--configfile", _config("default.yaml"),
                                        str(pinned)).stdout
 
@@ -98,12 +102,12 @@ def test_probe_off_drops_its_jobs_and_the_equal_compute_runs(tmp_path):
     off.write_text(yaml.safe_dump({"probe": {"enabled": False}}))
     jobs = _dry_run_jobs(tmp_path, "--configfile", _config("default.yaml"), str(off))
     assert "probe" not in jobs and "equal_compute" not in jobs
-    assert jobs["pretrain"] == 17 - 6 and jobs["finetune"] == 4
+    assert jobs["pretrain"] == 5 and jobs["pretrain_scored"] == 6 and jobs["finetune"] == 4
 
 
 def test_sweep_runs_on_the_tuning_seeds(tmp_path):
     dbp = _dry_run_jobs(tmp_path, "--configfile", _config("default.yaml"), _config("sweep_dbp.yaml"))
-    assert dbp["pretrain"] == 17 + 3 * 2 * 2  # decor_lr x kappa x frac, on tuning seed 200 only
+    assert dbp["pretrain"] == 11 + 3 * 2 * 2  # decor_lr x kappa x frac, on tuning seed 200 only
 
 
 def test_paper_dry_run_with_fake_imagenet_and_ade20k(tmp_path):
@@ -162,13 +166,13 @@ def test_gpus_per_job_come_from_resources_not_a_parse_time_probe(tmp_path, monke
     out = _snakemake(tmp_path, "-n", "-p", "--set-resources", "finetune:gpu=2").stdout
     pretrain = re.findall(r"-m dbp gpus (\d+) -- dbp pretrain-runs ", out)
     finetune = re.findall(r"-m dbp gpus (\d+) -- dbp finetune ", out)
-    assert len(pretrain) == 17 + 18 + 3 and set(pretrain) == {"0"}  # the default: no probe
+    assert len(pretrain) == 11 + 6 + 1 and set(pretrain) == {"0"}  # the default: no probe
     assert len(finetune) == 4 and set(finetune) == {"2"}   # what the resource says
 
 
 def test_slurm_profile_gives_pretrain_and_finetune_gpus():
     prof = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
-    assert all(prof["set-resources"][r]["gpu"] >= 1 for r in ("pretrain", "pretrain_ladder", "pretrain_trials"))
+    assert all(prof["set-resources"][r]["gpu"] >= 1 for r in ("pretrain", "pretrain_scored", "pretrain_trials"))
     assert prof["set-resources"]["finetune"]["gpu"] >= 1
 
 

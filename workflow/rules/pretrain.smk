@@ -1,7 +1,7 @@
 # MAE pre-training: the study's runs (arm, tuning trial, budget, sweep point) x seed, through
-# `dbp pretrain-runs`. With jobs.group_runs (the default) an arm's budget ladder on one seed
-# and its tuning trials on one seed each run in one job, one after another: one process
-# start-up instead of three. The seed decides a run's role (target, tuning, scored, sweep;
+# `dbp pretrain-runs`. With jobs.group_runs (the default) a scored seed's runs (every arm,
+# every budget) run in one job, one after another, and so do a tuning seed's trials: one
+# process start-up a seed instead of one a run. The seed decides a run's role (target, tuning, scored, sweep;
 # docs/protocol.md); every run but the tuning trials reads the per-arm winners that `select`
 # wrote; an equal-compute BP run (role downstream) also reads its step count from
 # `equal_compute`. A job takes all the cores it is given, so on a small machine jobs run one
@@ -41,7 +41,7 @@ rule pretrain:
         PRETRAIN_SHELL
 
 
-for kind, (suffixes, seeds) in STUDY.grouped_jobs().items():
+for kind, (ids, seeds) in STUDY.grouped_jobs().items():
 
     rule:
         name:
@@ -49,10 +49,10 @@ for kind, (suffixes, seeds) in STUDY.grouped_jobs().items():
         input:
             config=STUDY_CONFIG,
             manifest=f"{RESULTS}/manifests/pretrain_seed{{seed}}.txt",
-            selected=[SELECTED] if SELECTED and kind == "ladder" else [],
+            selected=[SELECTED] if SELECTED and kind == "scored" else [],
         output:
-            runs=[f"{RESULTS}/pretrain/{{arm}}{s}/seed{{seed}}/run.json" for s in suffixes],
-            metrics=[f"{RESULTS}/pretrain/{{arm}}{s}/seed{{seed}}/metrics.csv" for s in suffixes],
+            runs=[f"{RESULTS}/pretrain/{r}/seed{{seed}}/run.json" for r in ids],
+            metrics=[f"{RESULTS}/pretrain/{r}/seed{{seed}}/metrics.csv" for r in ids],
         params:
             results=results_of,
             launch=lambda w, resources: launch(resources.gpu),
@@ -60,16 +60,15 @@ for kind, (suffixes, seeds) in STUDY.grouped_jobs().items():
             tuned=lambda w, input: f"--tuned {input.selected}" if input.selected else "",
             steps_from="",
         log:
-            f"{RESULTS}/logs/pretrain_{kind}/{{arm}}/seed{{seed}}.log",
+            f"{RESULTS}/logs/pretrain_{kind}/seed{{seed}}.log",
         benchmark:
-            f"{RESULTS}/benchmarks/pretrain_{kind}/{{arm}}/seed{{seed}}.tsv"
+            f"{RESULTS}/benchmarks/pretrain_{kind}/seed{{seed}}.tsv"
         threads: TRAIN_THREADS
         resources:
             gpu=GPUS_PER_JOB,
             mem_mb=4000,
-            runtime=60 * len(suffixes),
+            runtime=60 * len(ids),
         wildcard_constraints:
-            arm=one_of(STUDY.tuned_arms()),
             seed=one_of(seeds),
         conda:
             ENV
