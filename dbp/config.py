@@ -68,6 +68,7 @@ class DataConfig:
     image_size: Count = 32               # must equal the model preset's input size
     val_images: Count | None = None      # a fixed sample spread over classes (None: all)
     num_workers: Index = 2
+    cache_images: Bool = False           # keep decoded images in memory for the run (small data only)
 
     def validate(self, key: str) -> None:
         if self.kind == "imagenet":

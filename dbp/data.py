@@ -43,13 +43,14 @@ def train_manifest(root: Path, fraction: float, seed: int, class_balanced: bool,
 
 def prepare_pretrain_data(*, kind: str, root: str | Path, embedded_seed: int, fraction: float,
                           class_balanced: bool, on_error: str, val_images: int | None,
-                          image_size: int, seed: int,
+                          image_size: int, seed: int, cache_images: bool = False,
                           manifest: str | Path | None = None,
                           manifest_out: Path | None = None) -> TrainData:
     """Datasets for one run; writes the train manifest to `manifest_out` when given.
 
     `val_images` (None: all) are a fixed sample spread over the classes, the same for every
-    arm and seed (docs/protocol.md, rule 4).
+    arm and seed (docs/protocol.md, rule 4). `cache_images`: each image is decoded once per
+    run instead of once per epoch (same pixels; the data must fit in memory).
 
     With on_error="raise" every file is checked before training, so a corrupt image stops
     the run at start-up with its path instead of crashing it hours later.
@@ -67,6 +68,7 @@ def prepare_pretrain_data(*, kind: str, root: str | Path, embedded_seed: int, fr
                              "fix them or set data.on_error: skip")
     if manifest_out is not None:
         write_manifest(manifest_out, train_paths)
-    return TrainData(train=ImageFolderDataset(folder, train_paths, image_size, train=True, on_error=on_error),
-                     val=ImageFolderDataset(folder, val_paths, image_size, train=False, on_error=on_error),
+    def dataset(paths: list[str], train: bool) -> ImageFolderDataset:
+        return ImageFolderDataset(folder, paths, image_size, train=train, on_error=on_error, cache=cache_images)
+    return TrainData(train=dataset(train_paths, True), val=dataset(val_paths, False),
                      manifest_hash=manifest_hash(train_paths))

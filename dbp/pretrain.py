@@ -333,7 +333,8 @@ def _data(spec: RunSpec, image_size: int, manifest_out: Path | None) -> TrainDat
     return prepare_pretrain_data(
         kind=d.kind, root=d.root, embedded_seed=d.embedded_seed, fraction=d.fraction,
         class_balanced=d.class_balanced, on_error=d.on_error, val_images=d.val_images,
-        image_size=image_size, seed=spec.seed, manifest=spec.manifest, manifest_out=manifest_out)
+        image_size=image_size, seed=spec.seed, cache_images=d.cache_images, manifest=spec.manifest,
+        manifest_out=manifest_out)
 
 
 def _run_info(spec: RunSpec, learner: Learner, data: TrainData, digest: str, world: int,

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from dbp.arms import get_arm
 from dbp.config import DBPConfig, PretrainConfig
-from dbp.data import prepare_pretrain_data
+from dbp.data import TrainData, prepare_pretrain_data
 from dbp.learner import Learner, setup_device
 from dbp.pretrain import micro_batches
 
@@ -71,15 +71,16 @@ def measure_arms(arms: Mapping[str, PretrainConfig], dbp: DBPConfig, data_cfg, s
     seed's subset, as `pretrain()` would."""
     device, rank, world = setup_device()
     learners = {name: Learner(cfg, get_arm(name), dbp, seed, device, world) for name, cfg in arms.items()}
-    any_model = next(iter(learners.values())).model
-    data = prepare_pretrain_data(
-        kind=data_cfg.kind, root=data_cfg.root, embedded_seed=data_cfg.embedded_seed,
-        fraction=data_cfg.fraction, class_balanced=data_cfg.class_balanced,
-        on_error=data_cfg.on_error, val_images=1, image_size=any_model.patch_embed.img_size[0],
-        seed=seed, manifest=manifest, manifest_out=None)
+
+    def data(lr: Learner) -> TrainData:  # each arm its own: a run's image cache is its own too
+        return prepare_pretrain_data(
+            kind=data_cfg.kind, root=data_cfg.root, embedded_seed=data_cfg.embedded_seed,
+            fraction=data_cfg.fraction, class_balanced=data_cfg.class_balanced,
+            on_error=data_cfg.on_error, val_images=1, image_size=lr.model.patch_embed.img_size[0],
+            seed=seed, cache_images=data_cfg.cache_images, manifest=manifest, manifest_out=None)
     steps = {name: lr.dbp_cfg.every if lr.dbp_cfg else 1 for name, lr in learners.items()}
     turns = {name: learner_turn(lr, micro_batches(
-        data, seed, 0, lr.batch_size, rank, world, data_cfg.num_workers,
+        data(lr), seed, 0, lr.batch_size, rank, world, data_cfg.num_workers,
         device.type == "cuda", lr.model.num_patches), steps[name]) for name, lr in learners.items()}
     bar = tqdm(total=rounds, desc="step cost", unit="round", disable=not progress)
     rows = interleave(turns, rounds, warmup, seed, steps, on_round=lambda r: bar.update(1))

@@ -173,12 +173,13 @@ def test_dry_run_plans_every_arm_on_the_smoke_study(tmp_path):
     arms = tmp_path / "arms.yaml"
     arms.write_text("arms: [bp, dbp, identity, cadamw, muon, dbp_ref]\n")
     jobs = _dry_run_jobs(tmp_path, "--configfile", _config("smoke.yaml"), str(arms))
-    # 5 tuned arms (identity is a control): base runs (bp also on the target seed) + one
-    # ladder scale + 2 learning rates on the tuning seed + BP at dbp's wall-clock (probe's
-    # equal-compute run); fine-tunes of each tuned arm + scratch; one probe job per seed
+    # 5 tuned arms (identity is a control): the scored seed's base runs of 6 arms and one ladder
+    # scale of 5 in one job, 2 learning rates x 5 arms on the tuning seed in one; alone: BP on
+    # the target seed and BP at dbp's wall-clock (probe's equal-compute run); fine-tunes of
+    # each tuned arm + scratch; one probe job per seed
     assert jobs == {"all": 1, "study_config": 1, "embedded_data": 1, "subset_manifest": 3,
-                    "pretrain": (2 + 5) + 5 + 2 * 5 + 1, "select": 1, "stepcost": 1,
-                    "equal_compute": 1, "export": 6, "finetune": 6, "probe": 1, "summarize": 1,
+                    "pretrain": 1 + 1, "pretrain_scored": 1, "pretrain_trials": 1, "select": 1,
+                    "stepcost": 1, "equal_compute": 1, "finetune": 6, "probe": 1, "summarize": 1,
                     "figures": 1}
 
 

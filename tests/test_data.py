@@ -341,3 +341,17 @@ def test_ade_hand_made(tmp_path):
     ds = ADESegDataset(tmp_path, "validation")
     assert ds.num_classes == 3 and ds.classes[1] == "building, edifice"
     assert ds[0][1].tolist() == [[255, 0, 1, 2, 255]]  # 255 stays ignore, as in mmseg
+
+
+def test_cached_images_are_decoded_once_with_the_same_pixels(tiny, monkeypatch):
+    paths = list_images(tiny, "imagenet/train")
+    plain, cached = (ImageFolderDataset(tiny, paths, 24, train=True, cache=c) for c in (False, True))
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda p, *a, **k: opened.append(p) or real_open(p, *a, **k))
+    for epoch in (0, 1):
+        for ds in (plain, cached):
+            ds.set_epoch(epoch, seed=3)
+        for j in range(len(paths)):
+            assert torch.equal(plain[j][0], cached[j][0])  # the same augmented pixels
+    assert len(opened) == 2 * len(paths) + len(paths)  # plain: every epoch; cached: once

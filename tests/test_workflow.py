@@ -65,7 +65,7 @@ def test_every_run_once_and_only_trials_skip_the_tuning_selection(tmp_path):
     jobs = _pretrain_jobs(_snakemake(tmp_path, "-n", "-p").stdout)
     runs = [(rid, seed) for _, seed, ids, _ in jobs for rid in ids]
     assert len(jobs) == 11 + 6 + 1 and len(runs) == len(set(runs)) == 80
-    ladder = [f"{a}{s}" for s in ("", "__steps=60", "__steps=180") for a in ("bp", "dbp", "identity", "cadamw")
+    ladder = [f"{a}{s}" for s in ("", "__steps=40", "__steps=120") for a in ("bp", "dbp", "identity", "cadamw")
               if not (s and a == "identity")]  # budget by budget, the arms side by side
     for rule, seed, ids, cmd in jobs:
         equal = ids == ["bp__equal_compute_dbp"]
