@@ -3,7 +3,7 @@
     dbp data make --root data/embedded            # the embedded default data (cached)
     dbp data subset --config C --seed S --out F   # a seeded train-subset manifest
     dbp pretrain --config C --arm dbp --seed 0 --out results/x/pretrain/dbp/seed0
-    dbp pretrain-runs --config C --seed 0 --results R dbp dbp__steps=60   # a study's runs, one process
+    dbp pretrain-runs --config C --seed 0 1 --results R dbp dbp__steps=60   # a study's runs, one process
     dbp export --pretrain-run R --out F.pth       # fused encoder of R/final.pt, for mmseg
     dbp finetune --config C --pretrained F.pth --seed S --out D   # UperNet; 'none' = scratch
     dbp probe --config C --seed S --encoder bp=F.pth --encoder scratch=none --out D   # linear probe
@@ -69,32 +69,34 @@ def _cmd_pretrain(args) -> None:
     except UnknownArmError as e:
         sys.exit(f"dbp pretrain: --arm: {e}")
     steps = _steps_overrides(args.steps_from) if args.steps_from else []
-    _pretrain_run(args, args.overrides + steps, args.arm, args.out, args.run_id or args.arm, args.role,
-                  args.tuned)  # every --set is the run's sweep point, as a workflow gave them
+    _pretrain_run(args.overrides + steps, args.arm, args.seed, args.out, args.run_id or args.arm, args.role,
+                  args.tuned, args.config, [], args.manifest)  # every --set is the run's sweep point
 
 
 def _cmd_pretrain_runs(args) -> None:
-    from dbp.downstream import run_role, study_runs
+    from dbp.jobs import run_role, study_runs
     cfg = load_config(args.config, args.overrides)
     runs, jobs = study_runs(cfg), []
-    for rid in args.runs:  # every run checked before any work
-        if rid not in runs:
-            raise ConfigError(f"run {rid!r} is not a run of study {cfg.name!r} (its runs: "
-                              f"{', '.join(sorted(runs))})")
-        run = runs[rid]
-        if args.seed not in run.seeds:
-            raise ConfigError(f"run {rid!r} has no seed {args.seed} (its seeds: {list(run.seeds)})")
-        role, tuned = run_role(cfg, run, args.seed), args.tuned if run.tuned else None
-        if cfg.tuning.enabled and run.tuned and not tuned:
-            raise ConfigError(f"run {rid!r} reads the tuning winners: give --tuned (selected.json)")
-        if role == DOWNSTREAM and not args.steps_from:
-            raise ConfigError(f"run {rid!r} trains for another arm's wall-clock: give --steps-from")
-        steps = _steps_overrides(args.steps_from) if role == DOWNSTREAM else []
-        jobs.append((rid, run, role, tuned, run.set_args() + steps))
-    for i, (rid, run, role, tuned, point) in enumerate(jobs, 1):
-        print(f"[pretrain] run {i} of {len(jobs)}: {rid}/seed{args.seed} ({role})", flush=True)
-        _pretrain_run(args, point, run.arm, args.results / "pretrain" / rid / f"seed{args.seed}", rid, role,
-                      tuned, args.overrides)
+    for seed in args.seed:  # every run checked before any work
+        for rid in args.runs:
+            if rid not in runs:
+                raise ConfigError(f"run {rid!r} is not a run of study {cfg.name!r} (its runs: "
+                                  f"{', '.join(sorted(runs))})")
+            run = runs[rid]
+            if seed not in run.seeds:
+                raise ConfigError(f"run {rid!r} has no seed {seed} (its seeds: {list(run.seeds)})")
+            role, tuned = run_role(cfg, run, seed), args.tuned if run.tuned else None
+            if cfg.tuning.enabled and run.tuned and not tuned:
+                raise ConfigError(f"run {rid!r} reads the tuning winners: give --tuned (selected.json)")
+            if role == DOWNSTREAM and not args.steps_from:
+                raise ConfigError(f"run {rid!r} trains for another arm's wall-clock: give --steps-from")
+            steps = _steps_overrides(args.steps_from) if role == DOWNSTREAM else []
+            jobs.append((rid, seed, run.arm, role, tuned, run.set_args() + steps))
+    for i, (rid, seed, arm, role, tuned, point) in enumerate(jobs, 1):
+        print(f"[pretrain] run {i} of {len(jobs)}: {rid}/seed{seed} ({role})", flush=True)
+        manifest = Path(str(args.manifest).format(seed=seed)) if args.manifest else None
+        _pretrain_run(point, arm, seed, args.results / "pretrain" / rid / f"seed{seed}", rid, role, tuned,
+                      args.config, args.overrides, manifest)
 
 
 def _steps_overrides(path: Path) -> list[str]:
@@ -102,19 +104,20 @@ def _steps_overrides(path: Path) -> list[str]:
     return steps_overrides(path)
 
 
-def _pretrain_run(args, sweep_point: list[str], arm: str, out: Path, run_id: str, role: str,
-                  tuned_path: Path | None, config_sets: tuple[str, ...] = ()) -> None:
+def _pretrain_run(sweep_point: list[str], arm: str, seed: int, out: Path, run_id: str, role: str,
+                  tuned_path: Path | None, config: Path | None, config_sets: list[str],
+                  manifest: Path | None) -> None:
     """One pre-training run of `arm`: the config file with `config_sets`, then the run's own
     `sweep_point` overrides (recorded in run.json) and, from `tuned_path`, the arm's winners."""
     import dbp._compat  # noqa: F401  (before timm)
     from dbp.provenance import set_quiet_env
     from dbp.pretrain import RunSpec, pretrain
     set_quiet_env()
-    cfg = load_config(args.config, [*config_sets, *sweep_point])
+    cfg = load_config(config, [*config_sets, *sweep_point])
     sweep = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in sweep_point)}
     tuned = _tuned_values(tuned_path, arm) if tuned_path else {}
     cfg = with_tuned(cfg, arm, tuned)
-    info = pretrain(RunSpec.from_study(cfg, arm, args.seed, out, args.manifest,
+    info = pretrain(RunSpec.from_study(cfg, arm, seed, out, manifest,
                                        run_info={"run_id": run_id, "role": role, "sweep": sweep, "tuned": tuned}))
     if info["status"] == "diverged":
         print(f"diverged at step {info.get('diverged_at_step')}; evidence in {out}", file=sys.stderr)
@@ -315,10 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("runs", nargs="+", metavar="RUN_ID", help="run ids of the study (its folders under "
                    "results/<study>/pretrain), e.g. dbp dbp__steps=60 dbp__steps=180")
-    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--seed", type=int, nargs="+", required=True, help="one or more seeds: every run on each")
     p.add_argument("--results", type=Path, required=True, help="results/<study>: each run writes "
                    "pretrain/<run id>/seed<seed>/ there")
-    p.add_argument("--manifest", type=Path, help="train-subset manifest (default: sample by seed)")
+    p.add_argument("--manifest", help="train-subset manifest, {seed} standing for the run's seed "
+                   "(default: sample by seed)")
     p.add_argument("--tuned", type=Path, help="selected.json from `dbp select` (runs that read the winners)")
     p.add_argument("--steps-from", type=Path, help="steps from `dbp equal-compute` (equal-compute runs)")
     p.set_defaults(func=_cmd_pretrain_runs)

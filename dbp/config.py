@@ -291,11 +291,10 @@ class StepCostConfig:
 @_section
 class JobsConfig:
     """How the workflow packs runs into jobs (never what a run computes: not in any digest).
-    `group_runs`: a scored seed's runs (every arm, every budget) run one after another in one
-    job, and so do the tuning trials of a tuning seed: the process start-up (imports,
-    codecarbon's hardware probe: about 6 s on 2 cores) is paid once per seed instead of once
-    per run, and a seed's arms are timed minutes apart. false: one job per run, for clusters
-    with GPUs to run them side by side."""
+    `group_runs`: runs that read the same inputs run one after another in one process
+    (dbp.jobs): the start-up (imports, codecarbon's hardware probe: about 6 s on 2 cores) is
+    paid once a job, not once a run. false: one job per run, for clusters with GPUs to run
+    them side by side."""
     group_runs: Bool = True
 
 
@@ -433,19 +432,6 @@ class StudyConfig:
                     add(Run(_run_id(arm, point), arm, point, s.tuning, sweep=name, kind="sweep"),
                         f"sweeps.{name}")
         return out
-
-    def grouped_jobs(self) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
-        """The jobs that run several runs of one seed in one process (jobs.group_runs), as
-        (run ids, seeds): "scored" (every arm's base run and budget ladder, on the budget
-        seeds) and "trials" (every arm's tuning trials, on the tuning seeds). Empty when runs
-        are not grouped; a kind with fewer than two runs is left out."""
-        if not self.jobs.group_runs:
-            return {}
-        runs = self.runs().values()
-        jobs = {"scored": (tuple(r.run_id for r in runs if r.kind in ("base", "budget")),
-                           self.seeds.scored[:self.budgets.seeds]),
-                "trials": (tuple(r.run_id for r in runs if r.kind == "trial"), self.seeds.tuning)}
-        return {k: v for k, v in jobs.items() if len(v[0]) > 1 and v[1]}
 
     def role(self, run: Run, seed: int) -> str:
         """The role of one run (rule 1, 5, 8): decided by the seed set it belongs to."""

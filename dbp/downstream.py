@@ -46,16 +46,6 @@ def downstream_runs(cfg: StudyConfig) -> dict[str, Run]:
     return {r.run_id: r for r in runs}
 
 
-def study_runs(cfg: StudyConfig) -> dict[str, Run]:
-    """Every pre-training run family of the study, the downstream stage's among them."""
-    return {**cfg.runs(), **downstream_runs(cfg)}
-
-
-def run_role(cfg: StudyConfig, run: Run, seed: int) -> str:
-    """A run's role: "downstream" for the equal-compute runs, else by its seed set."""
-    return ROLE if run.kind == ROLE else cfg.role(run, seed)
-
-
 def probe_arms(cfg: StudyConfig) -> list[str]:
     """Encoders the probe measures: every pre-trained arm but the controls (identity's encoder
     is BP's, bit for bit), the equal-compute BP runs, and scratch (random init: does

@@ -39,43 +39,46 @@ def _config(name):
 def test_default_dry_run(tmp_path):
     jobs = _dry_run_jobs(tmp_path)
     # runs: BP on 6 scored + 5 target seeds, dbp, identity and cadamw on 6, budget ladder 2
-    # scales x 3 arms x 6 seeds, tuning 3 LRs x 3 arms x 1 seed, BP at DBP's wall-clock on 6.
-    # Jobs: a scored seed's 10 runs are one job (6), the tuning seed's 9 trials one; alone: 5
-    # target and 6 equal-compute runs; manifests for all 12 seeds; the probe exports and
-    # probes bp, dbp, cadamw and equal-compute of 6 seeds (one job a seed); UperNet fine-tunes
-    # bp, dbp, cadamw and scratch of seed 0 (each exporting its own encoder)
+    # scales x 3 arms x 6 seeds, tuning 5 LRs x 3 arms x 1 seed, BP at DBP's wall-clock on 6.
+    # Jobs: a scored seed's 10 runs are one job (6), the tuning seed's 15 trials one, the 5
+    # target runs one, the 6 equal-compute runs one; manifests for all 12 seeds; the probe
+    # exports and probes bp, dbp, cadamw and equal-compute of 6 seeds (one job a seed);
+    # UperNet fine-tunes bp, dbp, cadamw and scratch of seed 0 (each exporting its own encoder)
     assert jobs == {"all": 1, "study_config": 1, "embedded_data": 1, "subset_manifest": 12,
-                    "pretrain": 5 + 6, "pretrain_scored": 6, "pretrain_trials": 1, "select": 1,
-                    "stepcost": 1, "equal_compute": 1, "probe": 6, "finetune": 4, "summarize": 1,
-                    "figures": 1}
+                    "pretrain_scored": 6, "pretrain_trials": 1, "pretrain_target": 1,
+                    "pretrain_downstream": 1, "select": 1, "stepcost": 1, "equal_compute": 1,
+                    "probe": 6, "finetune": 4, "summarize": 1, "figures": 1}
 
 
 def _pretrain_jobs(text):
-    """(rule, seed, run ids, command) of every pre-training job of a dry run's -p output."""
+    """(rule, seeds, run ids, command) of every pre-training job of a dry run's -p output."""
     jobs = []
     for block in (b for b in text.split("\nrule ") if b.startswith("pretrain")):
         cmd = next(line for line in block.splitlines() if "pretrain-runs" in line)
         words = cmd.split(" > ")[0].split("--results results/default")[1].split()
         ids = [w for i, w in enumerate(words) if not w.startswith("--") and not words[i - 1].startswith("--")]
-        jobs.append((block.split(":")[0], int(re.search(r"--seed (\d+)", cmd)[1]), ids, cmd))
+        seeds = [int(s) for s in re.search(r"--seed ([\d ]+) --", cmd)[1].split()]
+        jobs.append((block.split(":")[0], seeds, ids, cmd))
     return jobs
 
 
 def test_every_run_once_and_only_trials_skip_the_tuning_selection(tmp_path):
     jobs = _pretrain_jobs(_snakemake(tmp_path, "-n", "-p").stdout)
-    runs = [(rid, seed) for _, seed, ids, _ in jobs for rid in ids]
-    assert len(jobs) == 11 + 6 + 1 and len(runs) == len(set(runs)) == 80
+    runs = [(rid, seed) for _, seeds, ids, _ in jobs for rid in ids for seed in seeds]
+    assert len(jobs) == 6 + 1 + 1 + 1 and len(runs) == len(set(runs)) == 86
     ladder = [f"{a}{s}" for s in ("", "__steps=40", "__steps=120") for a in ("bp", "dbp", "identity", "cadamw")
               if not (s and a == "identity")]  # budget by budget, the arms side by side
-    for rule, seed, ids, cmd in jobs:
+    for rule, seeds, ids, cmd in jobs:
         equal = ids == ["bp__equal_compute_dbp"]
         if rule == "pretrain_scored":
-            assert ids == ladder and seed in range(6)
+            assert ids == ladder and len(seeds) == 1 and seeds[0] in range(6)
         elif rule == "pretrain_trials":
-            assert ids == [f"{a}__blr={v}" for v in ("0.004", "0.008", "0.016") for a in ("bp", "dbp", "cadamw")]
-            assert seed == 200
+            assert ids == [f"{a}__blr={v}" for v in ("0.002", "0.004", "0.008", "0.016", "0.032")
+                           for a in ("bp", "dbp", "cadamw")] and seeds == [200]
+        elif rule == "pretrain_target":
+            assert ids == ["bp"] and seeds == [100, 101, 102, 103, 104]
         else:
-            assert ids == ["bp"] and seed >= 100 or equal, cmd
+            assert rule == "pretrain_downstream" and equal and seeds == list(range(6)), cmd
         assert ("--tuned results/default/tuning/selected.json" in cmd) == (rule != "pretrain_trials"), cmd
         # only the equal-compute runs take their steps from the records
         assert ("--steps-from results/default/equal_compute/dbp.json" in cmd) == equal
@@ -85,14 +88,14 @@ def test_ungrouped_runs_get_a_job_each(tmp_path):
     single = tmp_path / "single.yaml"
     single.write_text(yaml.safe_dump({"jobs": {"group_runs": False}}))
     jobs = _dry_run_jobs(tmp_path, "--configfile", _config("default.yaml"), str(single))
-    assert jobs["pretrain"] == 80 and "pretrain_scored" not in jobs and "pretrain_trials" not in jobs
+    assert jobs["pretrain"] == 86 and not any(j.startswith("pretrain_") for j in jobs)
 
 
 def test_pinned_values_skip_tuning(tmp_path):
     pinned = tmp_path / "pinned.yaml"
     pinned.write_text(yaml.safe_dump({"tuning": {"enabled": False}}))
     jobs = _dry_run_jobs(tmp_path, "--configfile", _config("default.yaml"), str(pinned))
-    assert "select" not in jobs and "pretrain_trials" not in jobs and jobs["pretrain"] == 11
+    assert "select" not in jobs and "pretrain_trials" not in jobs and jobs["pretrain_scored"] == 6
     assert "--tuned" not in _snakemake(tmp_path, "-n", "-p", "--configfile", _config("default.yaml"),
                                        str(pinned)).stdout
 
@@ -102,12 +105,12 @@ def test_probe_off_drops_its_jobs_and_the_equal_compute_runs(tmp_path):
     off.write_text(yaml.safe_dump({"probe": {"enabled": False}}))
     jobs = _dry_run_jobs(tmp_path, "--configfile", _config("default.yaml"), str(off))
     assert "probe" not in jobs and "equal_compute" not in jobs
-    assert jobs["pretrain"] == 5 and jobs["pretrain_scored"] == 6 and jobs["finetune"] == 4
+    assert "pretrain_downstream" not in jobs and jobs["pretrain_scored"] == 6 and jobs["finetune"] == 4
 
 
 def test_sweep_runs_on_the_tuning_seeds(tmp_path):
     dbp = _dry_run_jobs(tmp_path, "--configfile", _config("default.yaml"), _config("sweep_dbp.yaml"))
-    assert dbp["pretrain"] == 11 + 3 * 2 * 2  # decor_lr x kappa x frac, on tuning seed 200 only
+    assert dbp["pretrain"] == 3 * 2 * 2  # decor_lr x kappa x frac, on tuning seed 200 only, a job each
 
 
 def test_paper_dry_run_with_fake_imagenet_and_ade20k(tmp_path):
@@ -166,13 +169,14 @@ def test_gpus_per_job_come_from_resources_not_a_parse_time_probe(tmp_path, monke
     out = _snakemake(tmp_path, "-n", "-p", "--set-resources", "finetune:gpu=2").stdout
     pretrain = re.findall(r"-m dbp gpus (\d+) -- dbp pretrain-runs ", out)
     finetune = re.findall(r"-m dbp gpus (\d+) -- dbp finetune ", out)
-    assert len(pretrain) == 11 + 6 + 1 and set(pretrain) == {"0"}  # the default: no probe
+    assert len(pretrain) == 6 + 3 and set(pretrain) == {"0"}  # the default: no probe
     assert len(finetune) == 4 and set(finetune) == {"2"}   # what the resource says
 
 
 def test_slurm_profile_gives_pretrain_and_finetune_gpus():
     prof = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
-    assert all(prof["set-resources"][r]["gpu"] >= 1 for r in ("pretrain", "pretrain_scored", "pretrain_trials"))
+    assert all(prof["set-resources"][r]["gpu"] >= 1 for r in ("pretrain", "pretrain_scored", "pretrain_trials", "pretrain_target",
+                                                              "pretrain_downstream"))
     assert prof["set-resources"]["finetune"]["gpu"] >= 1
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import yaml
 from snakemake.settings.types import DeploymentMethod
 from dbp.config import to_dict
-from dbp.downstream import downstream_runs, equal_compute_id, probe_arms, probe_seeds, study_runs
+from dbp.downstream import downstream_runs, equal_compute_id, probe_arms, probe_seeds
+from dbp.jobs import grouped_jobs, study_runs
 
 RESOLVED = to_dict(STUDY)
 CONFIG_DIGEST = hashlib.sha256(json.dumps(RESOLVED, sort_keys=True).encode()).hexdigest()
@@ -46,14 +47,9 @@ def launch(gpus):
 # The command of every pre-training job (pretrain.smk): the study's runs by id, in one process.
 PRETRAIN_SHELL = (
     "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} {params.launch} pretrain-runs --config {input.config} "
-    "--seed {wildcards.seed} --manifest {input.manifest} --results {params.results} {params.tuned} "
+    "--seed {params.seeds} --manifest {params.manifest} --results {params.results} {params.tuned} "
     "{params.steps_from} {params.runs} > {log} 2>&1"
 )
-
-
-def run_ids(output):
-    """The run ids of a job's run.json outputs."""
-    return [Path(p).parents[1].name for p in output.runs]
 
 
 def results_of(w, output):

@@ -1,7 +1,8 @@
 # MAE pre-training: the study's runs (arm, tuning trial, budget, sweep point) x seed, through
-# `dbp pretrain-runs`. With jobs.group_runs (the default) a scored seed's runs (every arm,
-# every budget) run in one job, one after another, and so do a tuning seed's trials: one
-# process start-up a seed instead of one a run. The seed decides a run's role (target, tuning, scored, sweep;
+# `dbp pretrain-runs`. With jobs.group_runs (the default) runs that read the same inputs run
+# in one job, one after another (dbp/jobs.py): a scored seed's runs (every arm, every budget),
+# a tuning seed's trials, the target-setting runs, the equal-compute runs: one process
+# start-up a job instead of one a run. The seed decides a run's role (target, tuning, scored, sweep;
 # docs/protocol.md); every run but the tuning trials reads the per-arm winners that `select`
 # wrote; an equal-compute BP run (role downstream) also reads its step count from
 # `equal_compute`. A job takes all the cores it is given, so on a small machine jobs run one
@@ -11,7 +12,7 @@
 rule pretrain:
     input:
         config=STUDY_CONFIG,
-        manifest=f"{RESULTS}/manifests/pretrain_seed{{seed}}.txt",
+        manifests=f"{RESULTS}/manifests/pretrain_seed{{seed}}.txt",
         selected=selected_of,
         steps=steps_of,
     output:
@@ -20,7 +21,9 @@ rule pretrain:
     params:
         results=results_of,
         launch=lambda w, resources: launch(resources.gpu),
-        runs=lambda w, output: " ".join(run_ids(output)),
+        seeds=lambda w: w.seed,
+        manifest=lambda w, input: input.manifests,
+        runs=lambda w: w.run,
         tuned=lambda w, input: f"--tuned {input.selected}" if input.selected else "",
         steps_from=lambda w, input: f"--steps-from {input.steps}" if input.steps else "",
     log:
@@ -41,41 +44,47 @@ rule pretrain:
         PRETRAIN_SHELL
 
 
-for kind, (ids, seeds) in STUDY.grouped_jobs().items():
+for job in grouped_jobs(STUDY):
+    # a job per seed ({seed} wildcard), or one job for every seed of the group (none)
+    seed = "{seed}" if job.per_seed else None
 
     rule:
         name:
-            f"pretrain_{kind}"
+            f"pretrain_{job.kind}"
         input:
             config=STUDY_CONFIG,
-            manifest=f"{RESULTS}/manifests/pretrain_seed{{seed}}.txt",
-            selected=[SELECTED] if SELECTED and kind == "scored" else [],
+            manifests=[f"{RESULTS}/manifests/pretrain_seed{s}.txt" for s in ([seed] if seed else job.seeds)],
+            selected=[SELECTED] if SELECTED and job.kind != "trials" else [],
+            steps=[EQUAL_STEPS[r] for r in job.ids if r in EQUAL_STEPS],
         output:
-            runs=[f"{RESULTS}/pretrain/{r}/seed{{seed}}/run.json" for r in ids],
-            metrics=[f"{RESULTS}/pretrain/{r}/seed{{seed}}/metrics.csv" for r in ids],
+            runs=[f"{RESULTS}/pretrain/{r}/seed{s}/run.json" for s in ([seed] if seed else job.seeds) for r in job.ids],
+            metrics=[f"{RESULTS}/pretrain/{r}/seed{s}/metrics.csv" for s in ([seed] if seed else job.seeds)
+                     for r in job.ids],
         params:
             results=results_of,
             launch=lambda w, resources: launch(resources.gpu),
-            runs=lambda w, output: " ".join(run_ids(output)),
+            seeds=lambda w, seeds=job.seeds: w.get("seed") or " ".join(map(str, seeds)),
+            manifest=lambda w: f"'{RESULTS}/manifests/pretrain_seed{{seed}}.txt'",  # the CLI's template
+            runs=" ".join(job.ids),
             tuned=lambda w, input: f"--tuned {input.selected}" if input.selected else "",
-            steps_from="",
+            steps_from=lambda w, input: f"--steps-from {input.steps}" if input.steps else "",
         log:
-            f"{RESULTS}/logs/pretrain_{kind}/seed{{seed}}.log",
+            f"{RESULTS}/logs/pretrain_{job.kind}/seed{seed or 's'}.log",
         benchmark:
-            f"{RESULTS}/benchmarks/pretrain_{kind}/seed{{seed}}.tsv"
+            f"{RESULTS}/benchmarks/pretrain_{job.kind}/seed{seed or 's'}.tsv"
         threads: TRAIN_THREADS
         resources:
             gpu=GPUS_PER_JOB,
             mem_mb=4000,
-            runtime=60 * len(ids),
+            runtime=60 * len(job.ids) * (1 if seed else len(job.seeds)),
         wildcard_constraints:
-            seed=one_of(seeds),
+            seed=one_of(job.seeds),
         conda:
             ENV
         shell:
             PRETRAIN_SHELL
 
-    workflow.ruleorder(f"pretrain_{kind}", "pretrain")  # `ruleorder:` for a rule named in a loop
+    workflow.ruleorder(f"pretrain_{job.kind}", "pretrain")  # `ruleorder:` for a rule named in a loop
 
 
 rule pretrain_all:
