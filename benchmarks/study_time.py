@@ -18,9 +18,11 @@ import pandas as pd
 
 PARTS = {  # benchmark folder (rule) -> part, in the order a study runs them
     "pretrain_trials": "pre-training: tuning trials (a job per tuning seed)",
-    "pretrain": "pre-training: runs alone (target seeds; BP at DBP's wall-clock)",
+    "pretrain_target": "pre-training: BP target-setting runs (one job)",
+    "pretrain": "pre-training: runs with a job of their own",
     "pretrain_scored": "pre-training: scored seeds, every arm and budget (a job per seed)",
     "stepcost": "step cost, every arm side by side",
+    "pretrain_downstream": "downstream: BP at DBP's wall-clock (one job)",
     "probe": "downstream: exports and linear probes (a job per seed)",
     "finetune": "downstream: exports and UperNet fine-tunes",
 }
