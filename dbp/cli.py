@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -92,8 +93,10 @@ def _cmd_pretrain_runs(args) -> None:
                 raise ConfigError(f"run {rid!r} trains for another arm's wall-clock: give --steps-from")
             steps = _steps_overrides(args.steps_from) if role == DOWNSTREAM else []
             jobs.append((rid, seed, run.arm, role, tuned, run.set_args() + steps))
+    lead = os.environ.get("RANK", "0") == "0"  # under torchrun every rank runs the same list
     for i, (rid, seed, arm, role, tuned, point) in enumerate(jobs, 1):
-        print(f"[pretrain] run {i} of {len(jobs)}: {rid}/seed{seed} ({role})", flush=True)
+        if lead:
+            print(f"[pretrain] run {i} of {len(jobs)}: {rid}/seed{seed} ({role})", flush=True)
         manifest = Path(str(args.manifest).format(seed=seed)) if args.manifest else None
         _pretrain_run(point, arm, seed, args.results / "pretrain" / rid / f"seed{seed}", rid, role, tuned,
                       args.config, args.overrides, manifest)
