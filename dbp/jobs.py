@@ -50,6 +50,6 @@ def grouped_jobs(cfg: StudyConfig) -> list[Job]:
     s = cfg.seeds
     jobs = [Job("scored", ids("base", "budget"), s.scored[:cfg.budgets.seeds], True),
             Job("trials", ids("trial"), s.tuning, True),
-            Job("target", ("bp",), s.target, False),
+            Job("target", tuple(r.run_id for r in runs if set(r.seeds) & set(s.target)), s.target, False),
             Job("downstream", ids(DOWNSTREAM), probe_seeds(cfg), False)]
     return [j for j in jobs if j.seeds and j.ids and len(j.ids) * (1 if j.per_seed else len(j.seeds)) > 1]

@@ -19,6 +19,7 @@ DOWNSTREAM_RUNS = downstream_runs(STUDY)
 RUNS = study_runs(STUDY)  # run id -> arm, overrides (trial, budget, sweep point), seeds
 EQUAL_STEPS = {equal_compute_id(a): f"{RESULTS}/equal_compute/{a}.json" for a in STUDY.probe.equal_compute}
 STUDY_CONFIG = f"{RESULTS}/config.yaml"
+MANIFEST = f"{RESULTS}/manifests/pretrain_seed{{seed}}.txt"  # a seed's train subset (pattern)
 # The tuning winners per arm, written by `select`, read by every target-setting and scored run.
 SELECTED = f"{RESULTS}/tuning/selected.json" if STUDY.tuning.enabled else None
 ENV = "../envs/dbp.yaml"  # the jobs' software under --use-conda
@@ -50,6 +51,12 @@ PRETRAIN_SHELL = (
     "--seed {params.seeds} --manifest {params.manifest} --results {params.results} {params.tuned} "
     "{params.steps_from} {params.runs} > {log} 2>&1"
 )
+
+
+def manifest_template(w):
+    """--manifest of `dbp pretrain-runs`: the pattern itself, {seed} filled in by the command
+    for each of its seeds (a function, so Snakemake leaves the braces alone)."""
+    return f"'{MANIFEST}'"
 
 
 def results_of(w, output):

@@ -36,7 +36,7 @@ rule subset_manifest:
         DATA_READY,
         config=STUDY_CONFIG,
     output:
-        f"{RESULTS}/manifests/pretrain_seed{{seed}}.txt",
+        MANIFEST,
     params:
         dbp=DBP,
     log:
@@ -51,5 +51,5 @@ rule subset_manifest:
 
 rule data:
     input:
-        expand(f"{RESULTS}/manifests/pretrain_seed{{seed}}.txt",
+        expand(MANIFEST,
                seed=sorted({s for r in RUNS.values() for s in r.seeds})),

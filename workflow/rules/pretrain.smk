@@ -12,7 +12,7 @@
 rule pretrain:
     input:
         config=STUDY_CONFIG,
-        manifests=f"{RESULTS}/manifests/pretrain_seed{{seed}}.txt",
+        manifests=MANIFEST,
         selected=selected_of,
         steps=steps_of,
     output:
@@ -22,7 +22,7 @@ rule pretrain:
         results=results_of,
         launch=lambda w, resources: launch(resources.gpu),
         seeds=lambda w: w.seed,
-        manifest=lambda w, input: input.manifests,
+        manifest=manifest_template,
         runs=lambda w: w.run,
         tuned=lambda w, input: f"--tuned {input.selected}" if input.selected else "",
         steps_from=lambda w, input: f"--steps-from {input.steps}" if input.steps else "",
@@ -47,24 +47,24 @@ rule pretrain:
 for job in grouped_jobs(STUDY):
     # a job per seed ({seed} wildcard), or one job for every seed of the group (none)
     seed = "{seed}" if job.per_seed else None
+    seeds = [seed] if seed else job.seeds  # in the paths: the wildcard, or every seed
 
     rule:
         name:
             f"pretrain_{job.kind}"
         input:
             config=STUDY_CONFIG,
-            manifests=[f"{RESULTS}/manifests/pretrain_seed{s}.txt" for s in ([seed] if seed else job.seeds)],
-            selected=[SELECTED] if SELECTED and job.kind != "trials" else [],
+            manifests=[MANIFEST.replace("{seed}", str(s)) for s in seeds],
+            selected=[SELECTED] if SELECTED and any(RUNS[r].tuned for r in job.ids) else [],
             steps=[EQUAL_STEPS[r] for r in job.ids if r in EQUAL_STEPS],
         output:
-            runs=[f"{RESULTS}/pretrain/{r}/seed{s}/run.json" for s in ([seed] if seed else job.seeds) for r in job.ids],
-            metrics=[f"{RESULTS}/pretrain/{r}/seed{s}/metrics.csv" for s in ([seed] if seed else job.seeds)
-                     for r in job.ids],
+            runs=[f"{RESULTS}/pretrain/{r}/seed{s}/run.json" for s in seeds for r in job.ids],
+            metrics=[f"{RESULTS}/pretrain/{r}/seed{s}/metrics.csv" for s in seeds for r in job.ids],
         params:
             results=results_of,
             launch=lambda w, resources: launch(resources.gpu),
             seeds=lambda w, seeds=job.seeds: w.get("seed") or " ".join(map(str, seeds)),
-            manifest=lambda w: f"'{RESULTS}/manifests/pretrain_seed{{seed}}.txt'",  # the CLI's template
+            manifest=manifest_template,
             runs=" ".join(job.ids),
             tuned=lambda w, input: f"--tuned {input.selected}" if input.selected else "",
             steps_from=lambda w, input: f"--steps-from {input.steps}" if input.steps else "",

@@ -8,7 +8,7 @@ STEPCOST = "stepcost/rounds.csv"  # under results/<study>/, where dbp.analysis r
 rule stepcost:
     input:
         config=STUDY_CONFIG,
-        manifest=f"{RESULTS}/manifests/pretrain_seed{STUDY.seeds.scored[0]}.txt",
+        manifest=MANIFEST.format(seed=STUDY.seeds.scored[0]),
     output:
         f"{RESULTS}/{STEPCOST}",
     params:
