@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -64,14 +65,28 @@ def _cmd_data_subset(args) -> None:
     print(f"{args.out}: {len(paths)} images, sha256 {manifest_hash(paths)[:12]}")
 
 
+@dataclass(frozen=True)
+class _Run:
+    """One pre-training run as the command line names it."""
+    run_id: str
+    arm: str
+    seed: int
+    role: str
+    sweep_point: list[str]  # the run's own KEY=VALUE overrides, recorded in run.json
+    tuned_path: Path | None  # selected.json, when the run reads the arm's tuning winners
+    out: Path
+    manifest: Path | None
+
+
 def _cmd_pretrain(args) -> None:
     try:
         get_arm(args.arm)
     except UnknownArmError as e:
         sys.exit(f"dbp pretrain: --arm: {e}")
     steps = steps_overrides(args.steps_from) if args.steps_from else []
-    _pretrain_run(args.overrides + steps, args.arm, args.seed, args.out, args.run_id or args.arm, args.role,
-                  args.tuned, args.config, [], args.manifest)  # every --set is the run's sweep point
+    _pretrain_run(_Run(args.run_id or args.arm, args.arm, args.seed, args.role, args.overrides + steps,
+                       args.tuned, args.out, args.manifest),
+                  args.config, [])  # every --set is the run's sweep point
 
 
 def _cmd_pretrain_runs(args) -> None:
@@ -92,33 +107,30 @@ def _cmd_pretrain_runs(args) -> None:
             if role == DOWNSTREAM and not args.steps_from:
                 raise ConfigError(f"run {rid!r} trains for another arm's wall-clock: give --steps-from")
             steps = steps_overrides(args.steps_from) if role == DOWNSTREAM else []
-            jobs.append((rid, seed, run.arm, role, tuned, run.set_args() + steps))
+            manifest = Path(str(args.manifest).format(seed=seed)) if args.manifest else None
+            jobs.append(_Run(rid, run.arm, seed, role, run.set_args() + steps, tuned,
+                             args.results / "pretrain" / rid / f"seed{seed}", manifest))
     lead = os.environ.get("RANK", "0") == "0"  # under torchrun every rank runs the same list
-    for i, (rid, seed, arm, role, tuned, point) in enumerate(jobs, 1):
+    for i, job in enumerate(jobs, 1):
         if lead:
-            print(f"[pretrain] run {i} of {len(jobs)}: {rid}/seed{seed} ({role})", flush=True)
-        manifest = Path(str(args.manifest).format(seed=seed)) if args.manifest else None
-        _pretrain_run(point, arm, seed, args.results / "pretrain" / rid / f"seed{seed}", rid, role, tuned,
-                      args.config, args.overrides, manifest)
+            print(f"[pretrain] run {i} of {len(jobs)}: {job.run_id}/seed{job.seed} ({job.role})", flush=True)
+        _pretrain_run(job, args.config, args.overrides)
 
 
-def _pretrain_run(sweep_point: list[str], arm: str, seed: int, out: Path, run_id: str, role: str,
-                  tuned_path: Path | None, config: Path | None, config_sets: list[str],
-                  manifest: Path | None) -> None:
-    """One pre-training run of `arm`: the config file with `config_sets`, then the run's own
-    `sweep_point` overrides (recorded in run.json) and, from `tuned_path`, the arm's winners."""
+def _pretrain_run(run: _Run, config: Path | None, config_sets: list[str]) -> None:
+    """Train `run`: the config file with `config_sets`, then the run's sweep point and winners."""
     import dbp._compat  # noqa: F401  (before timm)
     from dbp.provenance import set_quiet_env
     from dbp.pretrain import RunSpec, pretrain
     set_quiet_env()
-    cfg = load_config(config, [*config_sets, *sweep_point])
-    sweep = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in sweep_point)}
-    tuned = _tuned_values(tuned_path, arm) if tuned_path else {}
-    cfg = with_tuned(cfg, arm, tuned)
-    info = pretrain(RunSpec.from_study(cfg, arm, seed, out, manifest,
-                                       run_info={"run_id": run_id, "role": role, "sweep": sweep, "tuned": tuned}))
+    cfg = load_config(config, [*config_sets, *run.sweep_point])
+    sweep = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in run.sweep_point)}
+    tuned = _tuned_values(run.tuned_path, run.arm) if run.tuned_path else {}
+    cfg = with_tuned(cfg, run.arm, tuned)
+    info = pretrain(RunSpec.from_study(cfg, run.arm, run.seed, run.out, run.manifest, run_info={
+        "run_id": run.run_id, "role": run.role, "sweep": sweep, "tuned": tuned}))
     if info["status"] == "diverged":
-        print(f"diverged at step {info.get('diverged_at_step')}; evidence in {out}", file=sys.stderr)
+        print(f"diverged at step {info.get('diverged_at_step')}; evidence in {run.out}", file=sys.stderr)
 
 
 def _cmd_stepcost(args) -> None:
