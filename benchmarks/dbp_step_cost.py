@@ -233,12 +233,14 @@ def main() -> None:
             f" {'fwd':>6s} {'bwd':>6s} {'opt':>5s} {'upd':>5s}  extra GMAC fwd/bwd/stats/upd/opt")
     print(head)
     print("-" * len(head))
+    pred = {}
     for name, r in runners.items():
         med = {k: statistics.median(v) * 1e3 for k, v in r.times.items()}
         extra = r.arm.macs_extra(r, args.batch)
+        pred[name] = 1 + sum(extra.values()) / bp_macs
         q = ratios.loc[name]
         print(f"{name:24s} {1e3 * q['sec_per_step']:8.1f} {q['ratio']:6.3f} [{q['ratio_q25']:5.3f}, "
-              f"{q['ratio_q75']:5.3f}] {q['cpu_ratio']:6.3f} {1 + sum(extra.values()) / bp_macs:6.3f} "
+              f"{q['ratio_q75']:5.3f}] {q['cpu_ratio']:6.3f} {pred[name]:6.3f} "
               f"{med['fwd']:6.1f} {med['bwd']:6.1f} {med['opt']:5.1f} {med['update']:5.1f}  "
               + "/".join(f"{v / 1e9:.2f}" for v in extra.values()))
     if args.profile_steps and "dbp_fused_f0.1" in runners and "bp" in runners:
@@ -256,7 +258,7 @@ def main() -> None:
         total = sum(d["ms"] for d in split.values())
         print(f"{'total':24s} {total:8.1f} {sum(d['ops_ms'] for d in split.values()):7.1f} "
               f"{total / bp_ms:6.3f} {sum(macs.values()) / bp_macs:9.3f}")
-    _check_targets(ratios["ratio"].to_dict())
+    _check_targets(ratios["ratio"].to_dict(), pred)
     _check_spread(ratios)
 
 
@@ -276,18 +278,22 @@ def _check_spread(ratios: pd.DataFrame) -> None:
               "0.05 between runs. Repeat on a quieter machine before comparing with targets.")
 
 
-def _check_targets(s: dict[str, float]) -> None:
-    """The CPU targets of the cost work, each printed with the measured value."""
-    checks = [("fused f=0.1 every step <= 1.15x BP", s.get("dbp_fused_f0.1"), lambda v: v <= 1.15),
-              ("fused every 4 steps <= 1.08x BP", s.get("dbp_fused_f0.1_k4"), lambda v: v <= 1.08),
-              ("fusion only <= 1.05x BP", s.get("fusion_only_floor"), lambda v: v <= 1.05)]
-    if "identity_eta0" in s and "dbp_fused_f0.1" in s:
-        checks.append(("identity within 0.02 of fused", abs(s["identity_eta0"] - s["dbp_fused_f0.1"]),
-                       lambda v: v <= 0.02))
+def _check_targets(s: dict[str, float], pred: dict[str, float]) -> None:
+    """The CPU targets of the cost work, each printed with the measured value and the MAC
+    model's: a target below the model is met only where DBP's extra products run faster per
+    MAC than BP's own (every part of the layer is at its MAC share within noise)."""
+    checks = [("fused f=0.1 every step <= 1.15x BP", "dbp_fused_f0.1", 1.15),
+              ("fused every 4 steps <= 1.08x BP", "dbp_fused_f0.1_k4", 1.08),
+              ("fusion only <= 1.05x BP", "fusion_only_floor", 1.05)]
     print()
-    for text, value, ok in checks:
-        if value is not None:
-            print(f"target {text:40s} measured {value:.3f}  {'PASS' if ok(value) else 'MISS'}")
+    for text, arm, limit in checks:
+        if arm in s:
+            below = "  (target below the MAC model)" if limit < pred[arm] else ""
+            print(f"target {text:40s} measured {s[arm]:.3f}  {'PASS' if s[arm] <= limit else 'MISS'}"
+                  f"  MAC model {pred[arm]:.3f}{below}")
+    if "identity_eta0" in s and "dbp_fused_f0.1" in s:
+        gap = abs(s["identity_eta0"] - s["dbp_fused_f0.1"])
+        print(f"target {'identity within 0.02 of fused':40s} measured {gap:.3f}  {'PASS' if gap <= 0.02 else 'MISS'}")
 
 
 if __name__ == "__main__":
