@@ -9,6 +9,7 @@ token rows, drawn from the layer's own generator so that they cannot shift the g
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import accumulate
 
 import torch
 import torch.distributed as dist
@@ -119,38 +120,11 @@ class DecorMixin:
             self._zz += zz
             self._z_sum += z_sum
 
-    def _pooled_sums(self) -> tuple[Tensor, Tensor, float]:
-        self._fold()
-        zz, z_sum, n = self._zz, self._z_sum, float(self._n)
-        if _world_size() > 1:
-            d = zz.shape[0]
-            buf = torch.cat([zz.flatten(), z_sum, z_sum.new_tensor([n])])
-            dist.all_reduce(buf)
-            zz, z_sum, n = buf[: d * d].view(d, d), buf[d * d: d * d + d], float(buf[-1])
-        return zz, z_sum, n
-
-    def _pooled_rows(self) -> Tensor:
-        z = torch.cat(self._rows)
-        if _world_size() > 1:  # every rank samples the same number of rows (equal batches)
-            parts = [torch.empty_like(z) for _ in range(_world_size())]
-            dist.all_gather(parts, z)
-            z = torch.cat(parts)
-        return z
-
-    def pending(self) -> tuple[str, Tensor] | None:
-        """The pooled statistics the next R step uses, as ("rows", z) or ("sums", X), or None
-        when none were gathered. Under torch.distributed every rank's statistics are pooled
-        here (one collective call), so every rank applies the same step and R stays identical
-        everywhere. While the rows are fewer than the features the step is computed from the
-        rows themselves (`decor_step_rows`), else from their d x d second moment X; both give
-        the same R."""
-        if self._n == 0:
-            return None
-        if self._zz is None and self.stabilize == "none":
-            z = self._last = self._pooled_rows()
-            return "rows", z
-        zz, z_sum, n = self._last = self._pooled_sums()
-        return "sums", second_moment(zz, z_sum, n, self.center)
+    def _keeps_rows(self) -> bool:
+        """Whether the next step is computed from the sampled rows themselves (`decor_step_rows`):
+        while they are fewer, over all ranks, than the d features (else `_collect` folded them
+        into d x d sums), and no projection needs X. Both forms give the same R."""
+        return self._zz is None and self.stabilize == "none"
 
     def step_options(self, form: str) -> dict:
         """The rule's settings for a step from `form` ("rows" or "sums")."""
@@ -159,8 +133,8 @@ class DecorMixin:
         return {**opts, "center": self.center} if form == "rows" else {**opts, "stabilize": self.stabilize}
 
     def update(self) -> bool:
-        """Apply one R step from the statistics gathered since the last update (`pending`);
-        returns whether there were any. The step is computed even when decor_lr = 0, so that
+        """Apply one R step from the statistics gathered since the last update; returns
+        whether there were any. The step is computed even when decor_lr = 0, so that
         arm pays the full cost (the overhead-only control). The loss and correlation of these
         statistics are computed only when read. `update_layers` steps many layers at once,
         batching those of one width; this is it for one layer."""
@@ -197,19 +171,65 @@ class DecorMixin:
                 f"center={self.center}, stabilize={self.stabilize}")
 
 
+def _pool(layers: list[DecorMixin]) -> None:
+    """Every rank's statistics into every rank's layers, so that every rank applies the same
+    step and R stays identical everywhere: the sums of all layers that keep sums in one
+    all-reduce, the rows of all layers that keep rows in one all-gather (every rank samples as
+    many rows as the others: equal batches); one call each per dtype, not one per layer."""
+    world = _world_size()
+    if world == 1:
+        return
+    kinds: dict[tuple, list[DecorMixin]] = {}
+    for m in layers:
+        kinds.setdefault((m._keeps_rows(), m.R.dtype, m.R.device), []).append(m)
+    for (rows, _, _), group in kinds.items():
+        if rows:
+            local = torch.cat([torch.cat(m._rows).reshape(-1) for m in group])
+            parts = [torch.empty_like(local) for _ in range(world)]
+            dist.all_gather(parts, local)
+            at = 0
+            for m in group:
+                n, d = m._n, m.R.shape[0]
+                m._rows, m._n = [p[at: at + n * d].view(n, d) for p in parts], n * world
+                at += n * d
+        else:
+            buf = torch.cat([t.reshape(-1) for m in group
+                             for t in (m._zz, m._z_sum, m._z_sum.new_tensor([m._n]))])
+            dist.all_reduce(buf)
+            sizes = [m.R.shape[0] for m in group]
+            ends = list(accumulate(d * d + d + 1 for d in sizes))
+            counts = buf[[end - 1 for end in ends]].tolist()  # one device sync for all the counts
+            for m, d, end, n in zip(group, sizes, ends, counts):
+                start = end - (d * d + d + 1)
+                m._zz, m._z_sum = buf[start: start + d * d].view(d, d), buf[start + d * d: end - 1]
+                m._n = round(n)
+
+
+def _step_input(m: DecorMixin) -> tuple[str, Tensor]:
+    """A layer's pooled statistics as the step takes them: ("rows", z) or ("sums", X)."""
+    if m._keeps_rows():
+        z = m._last = torch.cat(m._rows)
+        return "rows", z
+    m._last = (m._zz, m._z_sum, float(m._n))
+    return "sums", second_moment(m._zz, m._z_sum, m._n, m.center)
+
+
 @torch.no_grad()
 def update_layers(modules: Iterable[DecorMixin]) -> int:
-    """One R step for every layer with statistics; returns how many stepped. Layers whose
-    steps have the same form, shape and settings (a ViT's qkv, proj and fc1 all read width
-    d) step together: their R and statistics stacked, one batched product instead of one
-    small product per layer (same R as `update()` each, up to rounding)."""
+    """One R step for every layer with statistics; returns how many stepped. Under
+    torch.distributed the statistics of all layers are first pooled over the ranks in one
+    collective call of each kind (`_pool`). Layers whose steps have the same form, shape and
+    settings (a ViT's qkv, proj and fc1 all read width d) then step together: their R and
+    statistics stacked, one batched product instead of one small product per layer (same R
+    as `update()` each, up to rounding)."""
+    live = [m for m in modules if m._n]
+    for m in live:
+        if not m._keeps_rows():
+            m._fold()  # the rows a projection step needs as X
+    _pool(live)
     groups: dict[tuple, tuple[str, dict, list[tuple[DecorMixin, Tensor]]]] = {}
-    for m in modules:
-        with _no_autocast(m.R.device):
-            stats = m.pending()
-        if stats is None:
-            continue
-        form, t = stats
+    for m in live:
+        form, t = _step_input(m)
         opts = m.step_options(form)
         alone = None if opts.get("stabilize", "none") == "none" else id(m)  # projection: 2-D only
         key = (form, tuple(t.shape), t.dtype, t.device, m.R.dtype, tuple(sorted(opts.items())), alone)
