@@ -173,9 +173,9 @@ class DecorMixin:
 
 def _pool(layers: list[DecorMixin]) -> None:
     """Every rank's statistics into every rank's layers, so that every rank applies the same
-    step and R stays identical everywhere: the sums of all layers that keep sums in one
-    all-reduce, the rows of all layers that keep rows in one all-gather (every rank samples as
-    many rows as the others: equal batches); one call each per dtype, not one per layer."""
+    step and R stays identical everywhere: the rows of all layers that keep rows in one
+    all-gather, the sums of all others in one all-reduce (one call of each per dtype, not one
+    per layer)."""
     world = _world_size()
     if world == 1:
         return
@@ -184,25 +184,35 @@ def _pool(layers: list[DecorMixin]) -> None:
         kinds.setdefault((m._keeps_rows(), m.R.dtype, m.R.device), []).append(m)
     for (rows, _, _), group in kinds.items():
         if rows:
-            local = torch.cat([torch.cat(m._rows).reshape(-1) for m in group])
-            parts = [torch.empty_like(local) for _ in range(world)]
-            dist.all_gather(parts, local)
-            at = 0
-            for m in group:
-                n, d = m._n, m.R.shape[0]
-                m._rows, m._n = [p[at: at + n * d].view(n, d) for p in parts], n * world
-                at += n * d
+            _gather_rows(group, world)
         else:
-            buf = torch.cat([t.reshape(-1) for m in group
-                             for t in (m._zz, m._z_sum, m._z_sum.new_tensor([m._n]))])
-            dist.all_reduce(buf)
-            sizes = [m.R.shape[0] for m in group]
-            ends = list(accumulate(d * d + d + 1 for d in sizes))
-            counts = buf[[end - 1 for end in ends]].tolist()  # one device sync for all the counts
-            for m, d, end, n in zip(group, sizes, ends, counts):
-                start = end - (d * d + d + 1)
-                m._zz, m._z_sum = buf[start: start + d * d].view(d, d), buf[start + d * d: end - 1]
-                m._n = round(n)
+            _reduce_sums(group)
+
+
+def _gather_rows(group: list[DecorMixin], world: int) -> None:
+    """All ranks' sampled rows, in rank order (every rank samples as many as the others:
+    equal batches)."""
+    local = torch.cat([torch.cat(m._rows).reshape(-1) for m in group])
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local)
+    at = 0
+    for m in group:
+        n, d = m._n, m.R.shape[0]
+        m._rows, m._n = [p[at: at + n * d].view(n, d) for p in parts], n * world
+        at += n * d
+
+
+def _reduce_sums(group: list[DecorMixin]) -> None:
+    """All ranks' sums z z^T, z and row counts, added."""
+    buf = torch.cat([t.reshape(-1) for m in group for t in (m._zz, m._z_sum, m._z_sum.new_tensor([m._n]))])
+    dist.all_reduce(buf)
+    sizes = [m.R.shape[0] for m in group]
+    ends = list(accumulate(d * d + d + 1 for d in sizes))
+    counts = buf[[end - 1 for end in ends]].tolist()  # one device sync for all the counts
+    for m, d, end, n in zip(group, sizes, ends, counts):
+        start = end - (d * d + d + 1)
+        m._zz, m._z_sum = buf[start: start + d * d].view(d, d), buf[start + d * d: end - 1]
+        m._n = round(n)
 
 
 def _step_input(m: DecorMixin) -> tuple[str, Tensor]:
