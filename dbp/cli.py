@@ -93,6 +93,7 @@ def _cmd_pretrain_runs(args) -> None:
     from dbp.jobs import run_role, study_runs
     cfg = load_config(args.config, args.overrides)
     runs, jobs = study_runs(cfg), []
+    steps = steps_overrides(args.steps_from) if args.steps_from else []  # for the equal-compute runs
     for seed in args.seed:  # every run checked before any work
         for rid in args.runs:
             if rid not in runs:
@@ -106,9 +107,9 @@ def _cmd_pretrain_runs(args) -> None:
                 raise ConfigError(f"run {rid!r} reads the tuning winners: give --tuned (selected.json)")
             if role == DOWNSTREAM and not args.steps_from:
                 raise ConfigError(f"run {rid!r} trains for another arm's wall-clock: give --steps-from")
-            steps = steps_overrides(args.steps_from) if role == DOWNSTREAM else []
             manifest = Path(str(args.manifest).format(seed=seed)) if args.manifest else None
-            jobs.append(_Run(rid, run.arm, seed, role, run.set_args() + steps, tuned,
+            point = run.set_args() + (steps if role == DOWNSTREAM else [])
+            jobs.append(_Run(rid, run.arm, seed, role, point, tuned,
                              args.results / "pretrain" / rid / f"seed{seed}", manifest))
     lead = os.environ.get("RANK", "0") == "0"  # under torchrun every rank runs the same list
     for i, job in enumerate(jobs, 1):
