@@ -2,6 +2,8 @@
 #   snakemake --cores all                                  # configs/default.yaml
 #   snakemake --cores all --configfile configs/paper.yaml  # paper scale (GPUs)
 # The config is validated once, here, before any job runs (dbp.config names the bad key).
+import os
+
 from snakemake.utils import validate
 
 from dbp.config import ConfigError, config_from_dict
@@ -18,6 +20,7 @@ except ConfigError as e:
 validate(config, f"{workflow.basedir}/workflow/schemas/study.schema.yaml")  # the same types and ranges
 
 RESULTS = f"results/{STUDY.name}"
+os.environ.update(STUDY.reproduce.env)  # a reproduction's kernel switches, for every job it starts
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
@@ -34,3 +37,4 @@ rule all:
     input:
         rules.pretrain_all.input,
         rules.figures.output,
+        [f"{RESULTS}/reproduce.md"] if STUDY.reproduce.of else [],

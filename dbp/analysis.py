@@ -33,6 +33,12 @@ NOISE_TOLERANCE = 0.25
 STEPCOST = Path("stepcost") / "rounds.csv"  # the side-by-side step times (dbp.stepcost)
 DISTURBED = 1.5  # a step-cost turn this much slower than its arm's median disturbed its round
 SWEEP = "sweep."  # prefix of the flattened override columns, e.g. "sweep.pretrain.blr"
+PERTURB = SWEEP + "pretrain.perturb"  # a tuning trial's numerics replicate (docs/protocol.md rule 5)
+REPLICATE_SEP = "__perturb="  # the replicate's run id: its grid point's, then this
+REPLICATE_TOLERANCE = 2e-3  # tuning.tolerance's default
+# a validation loss this much (relative) above the run's best so far is a spike: the stable BP
+# trials of the default study rise by up to ~5 % early on, an unstable one by 12 %, DBP seed 5 by 50 %
+SPIKE_RISE = 0.10
 METRICS = ["step", "train_seconds", "val_loss", "energy_kwh", "co2_kg", "images_per_second"]
 OPTIONAL = ["cpu_seconds", "cpu_util", "load_avg", "measured_kwh", "mean_abs_corr", "decor_loss",
             "eval_seconds"]
@@ -220,32 +226,85 @@ def relaxed_targets(target: float, relax: Sequence[float] = RELAXED) -> dict[flo
 
 # ----------------------------------------------------------------------------- tuning
 
-def tuning_table(runs: pd.DataFrame, curves: pd.DataFrame, role: str = "tuning") -> pd.DataFrame:
-    """One row per tuning trial (arm x grid point; or sweep point with role "sweep"): its
-    seeds, and the mean final validation loss over them (a diverged or unfinished trial
-    counts as inf: it can never win)."""
+def trials(runs: pd.DataFrame, curves: pd.DataFrame, role: str = "tuning") -> pd.DataFrame:
+    """One row per trial run (arm x grid point x seed, and its numerics replicate): the grid
+    point it belongs to (`point`: the run id without the replicate's nudge), `replicate`,
+    final validation loss (a diverged or unfinished trial: inf, it can never win) and its
+    spikes (stats.spikes at SPIKE_RISE)."""
     t = runs[runs["role"] == role]
+    cols = ["run_id", "point", "arm", "seed", "replicate", "final_val_loss", "spikes", "worst_spike"]
     if t.empty:
-        return pd.DataFrame(columns=["run_id", "arm", "n_seeds", "final_val_loss"])
-    s = run_summary(curves[curves["role"] == role]).set_index(["run_id", "seed"])
-    loss = [s["final_val_loss"].get((r.run_id, r.seed), math.nan) if r.status == "finished"
-            else math.inf for r in t.itertuples()]
-    t = t.assign(final_val_loss=np.where(np.isfinite(loss), loss, math.inf))
+        return pd.DataFrame(columns=cols + sweep_columns(t))
+    c = curves[curves["role"] == role].sort_values("step")
+    by = {k: g["val_loss"].to_numpy(float) for k, g in c.groupby(["run_id", "seed"])}
+    replicate = t[PERTURB].notna() if PERTURB in t else pd.Series(False, index=t.index)
+    rows = []
+    for r, rep in zip(t.itertuples(), replicate):
+        loss = by.get((r.run_id, r.seed), np.array([math.nan]))
+        n, worst = S.spikes(loss, SPIKE_RISE)
+        rows.append({"run_id": r.run_id, "point": r.run_id.split(REPLICATE_SEP)[0], "arm": r.arm,
+                     "seed": r.seed, "replicate": bool(rep),
+                     "final_val_loss": loss[-1] if r.status == "finished" and np.isfinite(loss[-1]) else math.inf,
+                     "spikes": n, "worst_spike": worst})
+    keys = [k for k in sweep_columns(t) if k != PERTURB]
+    return pd.DataFrame(rows, columns=cols).merge(t[["run_id", "seed", *keys]], on=["run_id", "seed"])
+
+
+def tuning_table(runs: pd.DataFrame, curves: pd.DataFrame, role: str = "tuning",
+                 tolerance: float = REPLICATE_TOLERANCE) -> pd.DataFrame:
+    """One row per arm and grid point (rule 5): seeds, trials, mean final validation loss over
+    every trial, the spread of the per-seed losses, the largest relative gap between a trial
+    and its numerics replicate, spikes, and `stable`: no trial diverged or spiked and every
+    replicate gap is within `tolerance`."""
+    t = trials(runs, curves, role)
     keys = sweep_columns(t)
-    return (t.groupby(["run_id", "arm"], sort=True)
-            .agg(**{k: (k, "first") for k in keys}, n_seeds=("seed", "size"),
-                 final_val_loss=("final_val_loss", "mean"))
-            .reset_index())
+    if t.empty:
+        return pd.DataFrame(columns=["run_id", "arm", *keys, "n_seeds", "n_trials", "final_val_loss",
+                                     "seed_spread", "replicate_gap", "spikes", "worst_spike", "stable"])
+    rows = []
+    for (point, arm), g in t.groupby(["point", "arm"], sort=True):
+        per_seed = g.groupby("seed")["final_val_loss"]
+        with np.errstate(invalid="ignore"):
+            gap = (per_seed.max() - per_seed.min()) / per_seed.min()
+        gap = float(gap[g.groupby("seed").size() > 1].max()) if g["replicate"].any() else math.nan
+        means = per_seed.mean()
+        finite = bool(np.isfinite(g["final_val_loss"]).all())
+        rows.append({"run_id": point, "arm": arm, **{k: g[k].iloc[0] for k in keys},
+                     "n_seeds": int(g["seed"].nunique()), "n_trials": len(g),
+                     "final_val_loss": float(g["final_val_loss"].mean()),
+                     "seed_spread": float(means.max() - means.min()) if finite else math.inf,
+                     "replicate_gap": gap if finite else math.inf, "spikes": int(g["spikes"].sum()),
+                     "worst_spike": float(g["worst_spike"].max()),
+                     "stable": finite and not g["spikes"].any() and not gap > tolerance})
+    return pd.DataFrame(rows)
+
+
+def choose(points: pd.DataFrame, tolerance: float = REPLICATE_TOLERANCE) -> dict:
+    """An arm's winner among its grid points (one `tuning_table` row each, in grid order):
+    the lowest mean final loss among the stable points (none stable: among all, flagged);
+    a point within `tolerance` (relative) of it that comes earlier in the grid wins instead,
+    so a tie inside floating-point noise cannot flip with the machine. Beside it: the margin
+    to the runner-up (the next-lowest mean of any point) and whether that margin lies within
+    the winner's seed spread."""
+    pool = points[points["stable"]] if points["stable"].any() else points
+    best = float(pool["final_val_loss"].min())
+    win = pool[pool["final_val_loss"] <= best * (1 + tolerance)].iloc[0]
+    rest = points.loc[points.index != win.name, "final_val_loss"]
+    margin = float(rest.min() - win["final_val_loss"]) if len(rest) else math.inf
+    return {"run_id": win["run_id"], "final_val_loss": float(win["final_val_loss"]),
+            "stable": bool(win["stable"]), "margin": margin, "seed_spread": float(win["seed_spread"]),
+            "within_spread": bool(margin < win["seed_spread"]),
+            "replicate_gap": float(win["replicate_gap"])}
 
 
 def select_tuned(results_dir: str | Path, arms: Sequence[str], keys: Sequence[str],
-                 seeds: Sequence[int], controls: dict[str, str]) -> dict:
-    """Each arm's winning grid point: the lowest mean final validation loss over the tuning
-    seeds (rule 5; ties go to the first point in grid order). Controls copy the winner of
-    the arm they control. Every trial of every arm must be present and final."""
+                 seeds: Sequence[int], controls: dict[str, str],
+                 tolerance: float = REPLICATE_TOLERANCE) -> dict:
+    """Each arm's winning grid point (`choose`: rule 5). Controls copy the winner of the arm
+    they control. Every trial of every arm must be present and final."""
     runs = load_runs(results_dir)
     runs = runs[runs["role"] == "tuning"]
-    table = tuning_table(runs, load_pretrain(results_dir, runs))
+    table = tuning_table(runs, load_pretrain(results_dir, runs), tolerance=tolerance)
     chosen: dict[str, dict] = {}
     for arm in arms:
         mine = runs[runs["arm"] == arm]
@@ -256,14 +315,14 @@ def select_tuned(results_dir: str | Path, arms: Sequence[str], keys: Sequence[st
         open_runs = unfinished(mine)
         if len(open_runs):
             raise ValueError(f"{results_dir}: unfinished tuning trials {open_runs['run_id'].tolist()}")
-        t = table[table["arm"] == arm]
-        best = t.iloc[int(np.argmin(t["final_val_loss"].to_numpy()))]
-        chosen[arm] = {"values": {k: _plain(best[SWEEP + k]) for k in keys},
-                       "run_id": best["run_id"], "final_val_loss": float(best["final_val_loss"])}
+        t = table[table["arm"] == arm].sort_values([SWEEP + k for k in keys])
+        c = choose(t, tolerance)
+        row = t[t["run_id"] == c["run_id"]].iloc[0]
+        chosen[arm] = {"values": {k: _plain(row[SWEEP + k]) for k in keys}, **c}
     for control, of in controls.items():
         if of in chosen:
             chosen[control] = {**chosen[of], "from": of}
-    return {"arms": chosen, "seeds": list(seeds), "keys": list(keys),
+    return {"arms": chosen, "seeds": list(seeds), "keys": list(keys), "tolerance": tolerance,
             "table": json.loads(table.to_json(orient="records"))}
 
 

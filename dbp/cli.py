@@ -174,12 +174,14 @@ def _cmd_select(args) -> None:
     cfg = load_config(args.config, args.overrides)
     try:
         chosen = select_tuned(args.results, cfg.tuned_arms(), list(cfg.tuning.grid),
-                              cfg.seeds.tuning, controls=CONTROLS)
+                              cfg.seeds.tuning, controls=CONTROLS, tolerance=cfg.tuning.tolerance)
     except ValueError as e:
         sys.exit(f"dbp select: {e}")
     atomic_write_json(args.out, chosen)
     for arm, c in chosen["arms"].items():
-        print(f"{arm}: {c['values']}" + (f" (from {c['from']})" if c.get("from") else ""))
+        print(f"{arm}: {c['values']}" + (f" (from {c['from']})" if c.get("from") else
+                                         f" (margin {c['margin']:.4f}, seed spread {c['seed_spread']:.4f}"
+                                         f"{'' if c['stable'] else ', NO STABLE POINT'})"))
 
 
 def _cmd_export(args) -> None:

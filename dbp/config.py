@@ -96,6 +96,9 @@ class PretrainConfig:
     checkpoint_every: Count = 50
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA if supported
     compile: Bool = False
+    # numerics replicate: initial weights x (1 + perturb x N(0, 1)), from a generator of its own
+    # (docs/protocol.md rule 5): a rate whose result moves with a 1e-6 nudge is chaotic
+    perturb: _float(ge=0, le=1e-3) = 0.0
 
     def validate(self, key: str) -> None:
         _require(self.model in PRESETS, f"{key}.model",
@@ -255,14 +258,26 @@ class SeedsConfig:
 @_section
 class TuningConfig:
     """The same declared grid for every tuned arm (rule 5), each trial a fully decayed run of
-    the base budget on every tuning seed; the winner per arm feeds the target-setting and
-    scored runs. `enabled: false` pins the config's values (the report says so)."""
+    the base budget on every tuning seed, and beside it a numerics replicate (initial weights
+    nudged by `replicate`, 0: none); the winner per arm (lowest mean final loss among the
+    stable grid points) feeds the target-setting and scored runs. A point is unstable when a
+    trial diverges, spikes, or its replicate ends more than `tolerance` (relative) away.
+    `enabled: false` pins the config's values (the report says so)."""
     enabled: Bool = True
     grid: Grid = field(default_factory=lambda: {"pretrain.blr": (4e-3, 8e-3, 1.6e-2)})
+    replicate: _float(ge=0, le=1e-3) = 1e-6
+    tolerance: Fraction = 2e-3
 
     def validate(self, key: str) -> None:
         if self.enabled:
             _check_grid(self.grid, key, ("pretrain",))
+            _require("pretrain.perturb" not in self.grid, f"{key}.grid.pretrain.perturb",
+                     "is the numerics replicate's: set tuning.replicate instead")
+
+    def points(self) -> list[tuple[tuple[str, Any], ...]]:
+        """Every trial's overrides: each grid point, then its replicate (where there is one)."""
+        rep = (("pretrain.perturb", self.replicate),) if self.replicate else None
+        return [q for p in _grid_points(self.grid) for q in ((p, p + rep) if rep else (p,))]
 
 
 @_section
@@ -309,6 +324,29 @@ class SweepConfig:
         _check_grid(self.grid, key, ("pretrain", "dbp"))
 
 
+# The environment a reproduction may set for its jobs: the switches that pick CPU kernels.
+NUMERICS_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
+
+
+@_section
+class ReproduceConfig:
+    """A reproduction of another study under other numerics (docs/protocol.md rule 14): `of`
+    names the reference study (results/<of>), `env` the kernel switches every job of this
+    study runs with (e.g. ATEN_CPU_CAPABILITY: avx2 on an AVX-512 machine). The DAG then
+    ends in a `reproduce` job that sets this study's winners and conclusions beside the
+    reference's."""
+    of: Str | None = None
+    env: dict[Str, Str] = field(default_factory=dict)
+
+    def validate(self, key: str) -> None:
+        for k, v in self.env.items():
+            _require(k in NUMERICS_ENV, f"{key}.env.{k}", f"not a numerics switch; choose from {list(NUMERICS_ENV)}")
+            _require(re.fullmatch(r"[A-Za-z0-9_]+", v) is not None, f"{key}.env.{k}",
+                     f"letters, digits and _ only, got {v!r}")
+        _require(self.of is None or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", self.of) is not None,
+                 f"{key}.of", f"a study name (letters, digits, _ and -), got {self.of!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
     """One pre-training run family of the study: an arm with overrides (a tuning trial, a
@@ -342,6 +380,7 @@ class StudyConfig:
     budgets: BudgetsConfig = field(default_factory=BudgetsConfig)
     stepcost: StepCostConfig = field(default_factory=StepCostConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    reproduce: ReproduceConfig = field(default_factory=ReproduceConfig)
     # per-arm pinned overrides of the pretrain section, e.g. {"dbp": {"blr": 8e-3}}
     arm_overrides: dict[Str, dict[Str, Any]] = field(default_factory=dict)
     sweeps: dict[Str, SweepConfig] = field(default_factory=dict)
@@ -350,7 +389,7 @@ class StudyConfig:
         """The rules that span fields or sections (types and ranges are checked on parsing)."""
         self._check_arms()
         _require("bp" in self.arms, "arms", "needs bp: the baseline sets the target")
-        for sub in ("seeds", "data", "pretrain", "energy", "finetune", "tuning", "budgets"):
+        for sub in ("seeds", "data", "pretrain", "energy", "finetune", "tuning", "budgets", "reproduce"):
             getattr(self, sub).validate(sub)
         _require(not (self.tuning.enabled and not self.seeds.tuning), "seeds.tuning",
                  "needs at least one seed while tuning.enabled is true")
@@ -422,7 +461,7 @@ class StudyConfig:
             for arm in self.tuned_arms():
                 add(Run(f"{arm}__steps={steps}", arm, point, budget_seeds, kind="budget"), "budgets.scales")
         if self.tuning.enabled:
-            for point in _grid_points(self.tuning.grid):
+            for point in self.tuning.points():
                 for arm in self.tuned_arms():
                     add(Run(_run_id(arm, point), arm, point, s.tuning, tuned=False, kind="trial"),
                         "tuning.grid")

@@ -72,17 +72,30 @@ def _seed_lines(ax: Axes, data: pd.DataFrame, x: str, y: str, arms: list[str]) -
 
 
 def fig_loss(a: Analysis, x: str = "train_seconds") -> Made:
-    """Validation loss of every scored seed against measured training time or steps."""
+    """Validation loss of every scored seed against measured training time or steps: the
+    whole run on a log axis, and beside it each run's second half zoomed on the target (linear)."""
     data = scored_curves(a, "val_loss")
     what = "measured training time" if x == "train_seconds" else "steps"
-    fig, (ax,) = _new(a, f"Validation loss against {what}",
-                      "One line per scored base-budget run; dashed black: the target (median best "
-                      "of the BP target-setting runs).")
-    _seed_lines(ax, data, x, "val_loss", a.arms)
-    ax.axhline(a.target, color="k", ls="--", lw=1, label=f"target {a.target:.4f}")
+    fig, (ax, zoom) = _new(a, f"Validation loss against {what}",
+                           "One line per scored base-budget run; dashed black: the target (median best "
+                           "of the BP target-setting runs). Left: the whole run, log scale; right: "
+                           "the runs' second halves zoomed on the losses near the target, linear scale.",
+                           ncols=2)
+    for panel in (ax, zoom):
+        _seed_lines(panel, data, x, "val_loss", a.arms)
+        panel.axhline(a.target, color="k", ls="--", lw=1, label=f"target {a.target:.4f}")
+        panel.set_xlabel("training time (s, validation excluded)" if x == "train_seconds"
+                         else "optimizer step", fontsize=9)
     ax.set_yscale("log")  # keeps the untrained model's loss and the end of training readable
-    ax.set_xlabel("training time (s, validation excluded)" if x == "train_seconds" else "optimizer step")
     ax.set_ylabel("validation loss (log scale)")
+    # Zoom: from just below the lowest loss to 8 % above the target (higher only when no
+    # loss comes that close, so the lowest points still show).
+    low = float(data["val_loss"].min()) if len(data) else a.target
+    top = max(a.target * 1.08, low * 1.02)
+    zoom.set_ylim(low - 0.1 * (top - low), top)
+    ends = data.groupby(["arm", "seed"])[x].max() if len(data) else pd.Series([1.0])
+    zoom.set_xlim(ends.min() / 2, ends.max())  # the second half of every run
+    zoom.set_title("second half of each run, near the target", fontsize=9)
     _legend(fig, ax)
     return fig, data
 

@@ -43,6 +43,16 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def perturb_(model: nn.Module, scale: float, seed: int) -> None:
+    """Multiply every parameter by (1 + scale x N(0, 1)), drawn from a generator of its own
+    (the global random stream, hence batches and masks, stays as it was): a numerics
+    replicate, as another CPU's rounding would nudge the run, but the same on every machine."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
 class Learner:
     """One run's model, optimisers, scaler and DBP driver; `step()` is one optimiser step
     over `accum_steps` micro-batches. For a given seed every arm starts from the same
@@ -54,6 +64,8 @@ class Learner:
         torch.manual_seed(seed)
         self.model: MaskedAutoencoderViT = build_mae(cfg.model, mask_ratio=cfg.mask_ratio,
                                                      norm_pix_loss=cfg.norm_pix_loss)
+        if cfg.perturb:
+            perturb_(self.model, cfg.perturb, seed)
         self.arm, self.dbp_cfg = arm, arm.dbp_settings(dbp)
         self.batch_size = cfg.device_batch(world)
         self.effective_batch = self.batch_size * cfg.accum_steps * world

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -66,6 +67,38 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _build_line(key: str, pattern: str) -> dict[str, str]:
+    """{key: the first match of `pattern` in torch's build description} ("unknown" if none)."""
+    m = re.search(pattern, torch.__config__.show())
+    return {key: m.group(1) if m else "unknown"}
+
+
+def numerics() -> dict[str, Any]:
+    """What decides a run's rounding (docs/protocol.md rule 5): the CPU kernels torch
+    dispatches to (AVX2, AVX-512), threads, the BLAS and oneDNN builds, the env overrides;
+    on GPUs CUDA, cuDNN and the determinism flags. Two machines that differ here may end a
+    chaotic run elsewhere."""
+    out: dict[str, Any] = {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+        "mkl": torch.backends.mkl.is_available(), "mkldnn": torch.backends.mkldnn.is_available(),
+        **_build_line("onednn", r"MKL-DNN (v[\d.]+)"), **_build_line("mkl_version", r"Math Kernel Library Version ([\d.]+)"),
+        **_build_line("blas", r"BLAS_INFO=([^,]+)"),
+        "env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                           "OPENBLAS_CORETYPE", "CUBLAS_WORKSPACE_CONFIG")
+                if k in os.environ},
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
+    if torch.cuda.is_available():
+        out |= {"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+                "cudnn_deterministic": torch.backends.cudnn.deterministic,
+                "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+                "tf32_cudnn": torch.backends.cudnn.allow_tf32}
+    return out
+
+
 def provenance(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Code version, package versions and hardware, to store beside a run's metrics
     (docs/protocol.md, rule 12).
@@ -87,6 +120,7 @@ def provenance(extra: dict[str, Any] | None = None) -> dict[str, Any]:
         "gpu_names": gpus,
         "torch_cuda": torch.version.cuda,
         "torch_threads": torch.get_num_threads(),
+        "numerics": numerics(),
         "world_size": _world_size(),
         "timestamp_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -92,6 +92,7 @@ def analyze(results_dir: str | Path, study: str, *, level: float = 0.95) -> Anal
     others = [a for a in arms if a != A.BASELINE]
     bc = A.budget_curves(done, curves, step_sec)
     sel_path = Path(results_dir) / "tuning" / "selected.json"
+    selected = json.loads(sel_path.read_text()) if sel_path.is_file() else {}
     return Analysis(
         study=study, runs=runs, curves=curves, finetune=finetune, target=target, n_target=n_target,
         segments=seg, step_cost=cost, step_sec=step_sec, ttt=ttt,
@@ -99,8 +100,8 @@ def analyze(results_dir: str | Path, study: str, *, level: float = 0.95) -> Anal
         noise=A.noise_check(ttt[ttt["relax"] == 0], step_sec), overhead=A.overhead(seg, runs, curves, cost),
         budgets=bc, budget_ttt=pd.concat([A.budget_time_to_target(bc, t).assign(relax=r)
                                           for r, t in A.relaxed_targets(target).items()], ignore_index=True),
-        tuning=A.tuning_table(runs, curves), sweep=A.tuning_table(runs, curves, role="sweep"),
-        selected=json.loads(sel_path.read_text()) if sel_path.is_file() else None,
+        tuning=A.tuning_table(runs, curves, tolerance=selected.get("tolerance", A.REPLICATE_TOLERANCE)),
+        sweep=A.tuning_table(runs, curves, role="sweep"), selected=selected or None,
         miou=_differences(finetune, level), probe=probe, probe_diffs=_differences(probe, level),
         encoder_seconds=A.pretrain_seconds(runs, step_sec), arms=arms, hardware=_hardware(runs),
         level=level)
@@ -325,15 +326,30 @@ def overhead_table(a: Analysis) -> pd.DataFrame:
 
 
 def tuning_display(a: Analysis, table: pd.DataFrame) -> pd.DataFrame:
-    """Every trial (or sweep point): its values, seeds and mean final validation loss; the
-    winner per arm is marked."""
-    winners = {c["run_id"] for c in (a.selected or {}).get("arms", {}).values()}
+    """Every grid point (or sweep point): its values, seeds and trials, mean final validation
+    loss, seed spread, numerics-replicate gap, spikes and stability; the winner per arm is
+    marked with its margin to the runner-up (flagged when inside the seed spread)."""
+    winners = {c["run_id"]: c for c in (a.selected or {}).get("arms", {}).values() if not c.get("from")}
     keys = {c: c.removeprefix(A.SWEEP) for c in A.sweep_columns(table) if table[c].notna().any()}
     out = table[["run_id", "arm", *keys]].rename(columns={"run_id": "Run", "arm": "Arm", **keys})
+
+    def selected(run_id: str) -> str:
+        c = winners.get(run_id)
+        if c is None:
+            return ""
+        if "margin" not in c:  # a selection of protocol version 2
+            return "yes"
+        note = "; WITHIN SEED SPREAD" if c["within_spread"] else ""
+        return f"yes (margin {_num(c['margin'], '.4f')}{note})" + ("" if c["stable"] else "; NO STABLE POINT")
     return out.astype(str).assign(**{
         "Seeds": table["n_seeds"].astype(str).to_numpy(),
+        "Trials": table["n_trials"].astype(str).to_numpy(),
         "Final val loss (mean)": table["final_val_loss"].map(lambda x: _num(x, ".4f")).to_numpy(),
-        "Selected": ["yes" if r in winners else "" for r in table["run_id"]]})
+        "Seed spread": table["seed_spread"].map(lambda x: _num(x, ".4f")).to_numpy(),
+        "Replicate gap": table["replicate_gap"].map(lambda x: _num(100 * x, ".2g") + " %").to_numpy(),
+        "Spikes (worst)": [f"{n} ({_pct(w)})" for n, w in table[["spikes", "worst_spike"]].to_numpy()],
+        "Stable": ["yes" if s else "no" for s in table["stable"]],
+        "Selected": [selected(r) for r in table["run_id"]]})
 
 
 def budgets_display(a: Analysis, arm: str = "dbp") -> pd.DataFrame:

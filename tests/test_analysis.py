@@ -187,12 +187,60 @@ def test_target_is_the_median_of_the_target_setting_runs_only(curves, tmp_path):
 
 # ----------------------------------------------------------------------------- tuning
 
+def _trials(root, arm, finals, seeds=(200, 201)):
+    """Tuning trials of `arm`: {blr: (final of the trial, final of its replicate)} per seed."""
+    for blr, (orig, rep) in finals.items():
+        for seed in seeds:
+            for run_id, final_loss, sweep in ((f"{arm}__blr={blr}", orig, {"pretrain.blr": blr}),
+                                              (f"{arm}__blr={blr}__perturb=1e-06", rep,
+                                               {"pretrain.blr": blr, "pretrain.perturb": 1e-6})):
+                write_run(root, run_id, arm, seed, [2.0, 0.8, 0.6, final_loss], role="tuning", sweep=sweep)
+
+
+@pytest.mark.parametrize("chaotic", [(0.400, 0.410), (0.410, 0.400), (0.395, 0.399)])
+def test_a_rate_that_moves_with_a_nudge_never_beats_a_stable_one(tmp_path, chaotic):
+    """The chaotic rate ends lower on average, but its replicate ends 1-2.5 % away (another
+    machine's rounding would move it as much): the stable rate wins on every 'machine'
+    (order of the pair) and the table says why."""
+    _trials(tmp_path, "bp", {0.004: (0.4200, 0.4200004), 0.016: chaotic})
+    chosen = A.select_tuned(tmp_path, ["bp"], ["pretrain.blr"], [200, 201], {}, tolerance=2e-3)
+    c = chosen["arms"]["bp"]
+    assert c["values"] == {"pretrain.blr": 0.004} and c["stable"]
+    assert c["margin"] == pytest.approx(sum(chaotic) / 2 - 0.4200002, abs=1e-6)  # negative: beaten on loss
+    table = pd.DataFrame(chosen["table"]).set_index("run_id")
+    assert table.loc["bp__blr=0.016", "replicate_gap"] == pytest.approx(abs(chaotic[0] - chaotic[1]) / min(chaotic))
+    assert not table.loc["bp__blr=0.016", "stable"] and table.loc["bp__blr=0.004", "stable"]
+    assert table.loc["bp__blr=0.004", "n_trials"] == 4 and table.loc["bp__blr=0.004", "n_seeds"] == 2
+
+
+def test_a_tie_inside_numerics_goes_to_the_earlier_grid_point(tmp_path):
+    _trials(tmp_path, "dbp", {0.004: (0.4205, 0.4205), 0.008: (0.4200, 0.4200), 0.016: (0.43, 0.43)})
+    c = A.select_tuned(tmp_path, ["dbp"], ["pretrain.blr"], [200, 201], {}, tolerance=2e-3)["arms"]["dbp"]
+    assert c["values"] == {"pretrain.blr": 0.004}  # 0.4205 is within 0.2 % of 0.4200
+    c = A.select_tuned(tmp_path, ["dbp"], ["pretrain.blr"], [200, 201], {}, tolerance=1e-4)["arms"]["dbp"]
+    assert c["values"] == {"pretrain.blr": 0.008} and c["margin"] == pytest.approx(0.0005)
+    assert c["within_spread"] is False  # both seeds give the same losses: spread 0
+
+
+def test_a_spiking_rate_is_unstable(tmp_path):
+    for seed in (200, 201):
+        write_run(tmp_path, "bp__blr=0.004", "bp", seed, [2.0, 0.8, 0.6, 0.45], role="tuning",
+                  sweep={"pretrain.blr": 0.004})
+        write_run(tmp_path, "bp__blr=0.016", "bp", seed, [2.0, 0.5, 0.6, 0.44], role="tuning",  # +20 %
+                  sweep={"pretrain.blr": 0.016})
+    chosen = A.select_tuned(tmp_path, ["bp"], ["pretrain.blr"], [200, 201], {})
+    assert chosen["arms"]["bp"]["values"] == {"pretrain.blr": 0.004}
+    row = pd.DataFrame(chosen["table"]).set_index("run_id").loc["bp__blr=0.016"]
+    assert row["spikes"] == 2 and row["worst_spike"] == pytest.approx(0.2) and not row["stable"]
+
+
 def test_selection_picks_the_lowest_final_loss_per_arm(study):
     chosen = A.select_tuned(study, ["bp", "dbp"], ["pretrain.blr"], [200], {"identity": "bp"})
     arms = chosen["arms"]
     assert arms["bp"]["values"] == {"pretrain.blr": 0.02} and arms["bp"]["final_val_loss"] == 0.55
     assert arms["dbp"]["values"] == {"pretrain.blr": 0.01}  # the diverged trial counts as inf
     assert arms["identity"] == {**arms["bp"], "from": "bp"}
+    assert arms["bp"]["margin"] == pytest.approx(0.05) and arms["dbp"]["margin"] == math.inf
     assert len(chosen["table"]) == 4
     with pytest.raises(ValueError, match="missing for seeds \\[201\\]"):
         A.select_tuned(study, ["bp"], ["pretrain.blr"], [200, 201], {})

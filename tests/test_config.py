@@ -12,8 +12,11 @@ def test_default_study_runs_and_roles():
     assert [cfg.role(runs["bp"], s) for s in (0, 100)] == ["scored", "target"]
     assert runs["identity"].seeds == tuple(range(6))  # controls are neither tuned nor laddered
     trials = [r for r in runs.values() if not r.tuned]
-    assert sorted(r.run_id for r in trials) == sorted(f"{a}__blr={lr}" for a in ("bp", "dbp")
-                                                      for lr in ("0.004", "0.008", "0.016"))
+    assert sorted(r.run_id for r in trials) == sorted(f"{a}__blr={lr}{rep}" for a in ("bp", "dbp")
+                                                      for lr in ("0.004", "0.008", "0.016")
+                                                      for rep in ("", "__perturb=1e-06"))
+    replicate = runs["dbp__blr=0.008__perturb=1e-06"]  # the trial again, initial weights nudged
+    assert replicate.overrides == (("pretrain.blr", 0.008), ("pretrain.perturb", 1e-6))
     assert all(r.seeds == (200,) and cfg.role(r, 200) == "tuning" for r in trials)
     ladder = runs["dbp__steps=450"]  # 1.5 x the 300 default steps, warm-up 1.5 x 30
     assert ladder.seeds == tuple(range(6)) and dict(ladder.overrides) == {"pretrain.steps": 450,

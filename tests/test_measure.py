@@ -415,7 +415,7 @@ def test_provenance_has_the_documented_keys(monkeypatch):
     assert set(p) == {"git_commit", "git_dirty", "python", "torch", "torchvision", "timm", "mmseg",
                       "mmengine", "mmcv", "codecarbon", "numpy", "hostname", "platform",
                       "cpu_model", "cpu_count", "gpu_count", "gpu_names", "torch_cuda",
-                      "torch_threads", "world_size", "timestamp_utc", "seed", "manifest_hash"}
+                      "torch_threads", "numerics", "world_size", "timestamp_utc", "seed", "manifest_hash"}
     assert re.fullmatch(r"[0-9a-f]{40}", p["git_commit"])  # this repo is a git checkout
     assert isinstance(p["git_dirty"], bool)
     assert p["torch"] == torch.__version__ and p["numpy"] == np.__version__

@@ -87,8 +87,9 @@ def test_per_seed_overhead_tuning_budget_rows(written, study):
     assert overhead["dbp"][3] == "not measured" and overhead["dbp"][5].startswith("1.250 [1.250, 1.250]")
     assert overhead["bp"][8] == "1 of 38"
     tuning = _rows(study / "tuning.md")
-    assert [r for r, row in tuning.items() if row[-1] == "yes"] == ["bp__blr=0.02", "dbp__blr=0.01"]
-    assert tuning["dbp__blr=0.02"][4] == "∞"
+    assert [r for r, row in tuning.items() if row[-1].startswith("yes")] == ["bp__blr=0.02", "dbp__blr=0.01"]
+    assert tuning["bp__blr=0.02"][-1] == "yes (margin 0.0500)" and tuning["bp__blr=0.02"][-2] == "yes"
+    assert tuning["dbp__blr=0.02"][5] == "∞" and tuning["dbp__blr=0.02"][-2] == "no"  # diverged
     budgets = (study / "budgets.md").read_text()
     assert "45.0 s (interpolated)" in budgets and "31.2 s (at most)" in budgets
     relaxed = _rows(study / "relaxed.md")
@@ -180,6 +181,19 @@ def test_loss_figure_draws_each_seed_and_keeps_identity_visible(analysis):
     identity = [ln for ln in lines if ln.get_color() == "C2"]
     assert len(identity) == 5 and all(ln.get_linestyle() == "--" for ln in identity)
     assert fig.axes[0].get_yscale() == "log"
+
+
+def test_loss_figure_zooms_a_second_panel_on_the_target(analysis):
+    fig, data = F.fig_loss(analysis, "step")
+    assert len(fig.axes) == 2
+    whole, zoom = fig.axes
+    low, high = zoom.get_ylim()
+    lowest, target = data["val_loss"].min(), analysis.target  # 0.44 and 0.52 here
+    assert lowest - 0.02 <= low <= lowest < target < high <= target * 1.1
+    assert zoom.get_yscale() == "linear" and zoom.get_xlim() == (25, 50)  # second half of 50 steps
+    for ax in (whole, zoom):  # the target in both panels
+        assert any(list(ln.get_ydata()) == [target, target] for ln in ax.lines)
+    assert any("zoomed" in t.get_text() for t in fig.texts)  # the caption says so
 
 
 def test_downstream_figure_puts_every_encoder_at_its_pre_training_cost(analysis):

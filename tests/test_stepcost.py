@@ -1,4 +1,6 @@
-"""The interleaved step-cost measurement: turn order, warm-up, records; one real run."""
+"""The interleaved step-cost measurement: turn order, warm-up, records; one real run; the
+benchmark's verdict against the MAC model."""
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +27,31 @@ def test_interleave_shuffles_each_round_and_times_only_after_warmup():
     assert (df["wall_seconds"] >= 0).all() and (df["cpu_seconds"] >= 0).all()
 
 
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "dbp_step_cost.py"
+
+
+def _bench():
+    """benchmarks/dbp_step_cost.py as a module (imports torch, runs nothing)."""
+    if "dbp_step_cost" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("dbp_step_cost", BENCH)
+        sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
+        spec.loader.exec_module(sys.modules[spec.name])
+    return sys.modules["dbp_step_cost"]
+
+
+def test_step_cost_benchmark_holds_each_row_to_its_mac_model_within_noise():
+    classify = _bench().classify
+    # quartiles 1.10 / 1.20: band 0.05 around the model 1.15
+    assert classify(1.19, 1.15, 1.10, 1.20) == "PASS"
+    assert classify(1.21, 1.15, 1.10, 1.20) == "ABOVE MODEL"
+    assert classify(1.09, 1.15, 1.10, 1.20) == "BELOW MODEL"
+    # quartiles 1.14 / 1.16 (half-spread 0.01): the band is widened to 0.03
+    assert classify(1.17, 1.15, 1.14, 1.16) == "PASS"
+    assert classify(1.125, 1.15, 1.14, 1.16) == "PASS"
+    assert classify(1.19, 1.15, 1.14, 1.16) == "ABOVE MODEL"
+    assert classify(1.11, 1.15, 1.14, 1.16) == "BELOW MODEL"
+
+
 @pytest.mark.slow
 def test_stepcost_cli_measures_every_arm_of_a_study(tmp_path):
     root = make_embedded(tmp_path / "emb", seed=0, imagenet_per_class=4, imagenet_val_per_class=1,
@@ -47,13 +74,20 @@ def test_stepcost_cli_measures_every_arm_of_a_study(tmp_path):
 
 @pytest.mark.slow
 def test_step_cost_benchmark_quick_mode_writes_its_table(tmp_path):
-    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "dbp_step_cost.py"
-    done = subprocess.run([sys.executable, str(bench), "--quick", "--arms", "bp", "dbp_fused_f0.1_k4",
-                           "--out", str(tmp_path / "rounds.csv")], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run([sys.executable, str(BENCH), "--quick", "--check", "--arms", "bp",
+                           "dbp_fused_f0.1_k4", "--out", str(tmp_path / "rounds.csv")],
+                          capture_output=True, text=True)
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
     rows = pd.read_csv(tmp_path / "rounds.csv")
     assert len(rows) == 2 * 4 and rows.groupby("arm")["steps"].first().to_dict() == {
         "bp": 1, "dbp_fused_f0.1_k4": 4}  # a turn of the every-4 arm is one whole cycle
     table = {ln.split()[0]: ln.split() for ln in done.stdout.splitlines() if ln.startswith(("bp ", "dbp_"))}
     assert table["bp"][2] == "1.000"
-    assert table["dbp_fused_f0.1_k4"][2] == f"{A.round_ratios(rows).set_index('arm').loc['dbp_fused_f0.1_k4', 'ratio']:.3f}"
+    q = A.round_ratios(rows).set_index("arm").loc["dbp_fused_f0.1_k4"]
+    assert table["dbp_fused_f0.1_k4"][2] == f"{q['ratio']:.3f}"
+    verdict = [ln.split() for ln in done.stdout.splitlines() if ln.startswith("  dbp_fused_f0.1_k4 ")]
+    assert len(verdict) == 1  # '  <arm>  measured <ratio>  MAC model <pred>  band +-<b>  <verdict>'
+    name, _, measured, _, _, model, _, band, *word = verdict[0]
+    assert (measured, model) == (table[name][2], table[name][6]) and float(band[2:]) >= 0.03  # 6: pred
+    assert " ".join(word) in ("PASS", "ABOVE MODEL", "BELOW MODEL")
+    assert done.returncode == (0 if word == ["PASS"] else 1)  # --check

@@ -39,13 +39,14 @@ def _config(name):
 def test_default_dry_run(tmp_path):
     jobs = _dry_run_jobs(tmp_path)
     # runs: BP on 6 scored + 5 target seeds, dbp, identity and cadamw on 6, budget ladder 2
-    # scales x 3 arms x 6 seeds, tuning 5 LRs x 3 arms x 1 seed, BP at DBP's wall-clock on 6.
-    # Jobs: a scored seed's 10 runs are one job (6), the tuning seed's 15 trials one, the 5
-    # target runs one, the 6 equal-compute runs one; manifests for all 12 seeds; the probe
+    # scales x 3 arms x 6 seeds, tuning 4 LRs x 3 arms x 2 seeds x 2 (the numerics replicate),
+    # BP at DBP's wall-clock on 6. Jobs: a scored seed's 10 runs are one job (6), a tuning seed's
+    # 24 trials one (2), the 5 target runs one, the 6 equal-compute runs one; manifests for all
+    # 13 seeds; the probe
     # exports and probes bp, dbp, cadamw and equal-compute of 6 seeds (one job a seed);
     # UperNet fine-tunes bp, dbp, cadamw and scratch of seed 0 (each exporting its own encoder)
-    assert jobs == {"all": 1, "study_config": 1, "embedded_data": 1, "subset_manifest": 12,
-                    "pretrain_scored": 6, "pretrain_trials": 1, "pretrain_target": 1,
+    assert jobs == {"all": 1, "study_config": 1, "embedded_data": 1, "subset_manifest": 13,
+                    "pretrain_scored": 6, "pretrain_trials": 2, "pretrain_target": 1,
                     "pretrain_downstream": 1, "select": 1, "stepcost": 1, "equal_compute": 1,
                     "probe": 6, "finetune": 4, "summarize": 1, "figures": 1}
 
@@ -65,7 +66,7 @@ def _pretrain_jobs(text):
 def test_every_run_once_and_only_trials_skip_the_tuning_selection(tmp_path):
     jobs = _pretrain_jobs(_snakemake(tmp_path, "-n", "-p").stdout)
     runs = [(rid, seed) for _, seeds, ids, _ in jobs for rid in ids for seed in seeds]
-    assert len(jobs) == 6 + 1 + 1 + 1 and len(runs) == len(set(runs)) == 86
+    assert len(jobs) == 6 + 2 + 1 + 1 and len(runs) == len(set(runs)) == 71 + 48
     ladder = [f"{a}{s}" for s in ("", "__steps=40", "__steps=120") for a in ("bp", "dbp", "identity", "cadamw")
               if not (s and a == "identity")]  # budget by budget, the arms side by side
     for rule, seeds, ids, cmd in jobs:
@@ -73,8 +74,9 @@ def test_every_run_once_and_only_trials_skip_the_tuning_selection(tmp_path):
         if rule == "pretrain_scored":
             assert ids == ladder and len(seeds) == 1 and seeds[0] in range(6)
         elif rule == "pretrain_trials":
-            assert ids == [f"{a}__blr={v}" for v in ("0.002", "0.004", "0.008", "0.016", "0.032")
-                           for a in ("bp", "dbp", "cadamw")] and seeds == [200]
+            assert ids == [f"{a}__blr={v}{rep}" for v in ("0.002", "0.004", "0.008", "0.016")
+                           for rep in ("", "__perturb=1e-06") for a in ("bp", "dbp", "cadamw")]
+            assert seeds in ([200], [201])
         elif rule == "pretrain_target":
             assert ids == ["bp"] and seeds == [100, 101, 102, 103, 104]
         else:
@@ -88,7 +90,7 @@ def test_ungrouped_runs_get_a_job_each(tmp_path):
     single = tmp_path / "single.yaml"
     single.write_text(yaml.safe_dump({"jobs": {"group_runs": False}}))
     jobs = _dry_run_jobs(tmp_path, "--configfile", _config("default.yaml"), str(single))
-    assert jobs["pretrain"] == 86 and not any(j.startswith("pretrain_") for j in jobs)
+    assert jobs["pretrain"] == 71 + 48 and not any(j.startswith("pretrain_") for j in jobs)
 
 
 def test_pinned_values_skip_tuning(tmp_path):
@@ -110,7 +112,7 @@ def test_probe_off_drops_its_jobs_and_the_equal_compute_runs(tmp_path):
 
 def test_sweep_runs_on_the_tuning_seeds(tmp_path):
     dbp = _dry_run_jobs(tmp_path, "--configfile", _config("default.yaml"), _config("sweep_dbp.yaml"))
-    assert dbp["pretrain"] == 3 * 2 * 2  # decor_lr x kappa x frac, on tuning seed 200 only, a job each
+    assert dbp["pretrain"] == 3 * 2 * 2 * 2  # decor_lr x kappa x frac, on both tuning seeds, a job each
 
 
 def test_paper_dry_run_with_fake_imagenet_and_ade20k(tmp_path):
@@ -123,10 +125,11 @@ def test_paper_dry_run_with_fake_imagenet_and_ade20k(tmp_path):
                                      "finetune": {"root": str(tmp_path / "ade")}}))
     jobs = _dry_run_jobs(tmp_path, "--configfile", _config("paper.yaml"), str(paths))
     # every registered arm: BP on 6 scored + 5 target seeds, 6 more arms on 6; the 6 tuned arms
-    # (all but identity) get the ladder (2 scales x 6 seeds), 3 LRs and 3 fine-tuned seeds; BP
+    # (all but identity) get the ladder (2 scales x 6 seeds), 3 LRs x 2 tuning seeds x 2 (the numerics
+    # replicate) and 3 fine-tuned seeds; BP
     # at DBP's wall-clock on 6, a job per run; the probe reads the tuned arms and that run on 6 seeds
-    assert jobs == {"all": 1, "study_config": 1, "subset_manifest": 12,
-                    "pretrain": 11 + 6 * 6 + 6 * 12 + 6 * 3 + 6, "select": 1, "stepcost": 1,
+    assert jobs == {"all": 1, "study_config": 1, "subset_manifest": 13,
+                    "pretrain": 11 + 6 * 6 + 6 * 12 + 6 * 3 * 2 * 2 + 6, "select": 1, "stepcost": 1,
                     "equal_compute": 1, "probe": 6, "finetune": 7 * 3, "summarize": 1, "figures": 1}
 
 
@@ -169,7 +172,7 @@ def test_gpus_per_job_come_from_resources_not_a_parse_time_probe(tmp_path, monke
     out = _snakemake(tmp_path, "-n", "-p", "--set-resources", "finetune:gpu=2").stdout
     pretrain = re.findall(r"-m dbp gpus (\d+) -- dbp pretrain-runs ", out)
     finetune = re.findall(r"-m dbp gpus (\d+) -- dbp finetune ", out)
-    assert len(pretrain) == 6 + 3 and set(pretrain) == {"0"}  # the default: no probe
+    assert len(pretrain) == 6 + 4 and set(pretrain) == {"0"}  # the default: no probe
     assert len(finetune) == 4 and set(finetune) == {"2"}   # what the resource says
 
 

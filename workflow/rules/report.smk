@@ -17,6 +17,7 @@ rule summarize:
         multiext(f"{RESULTS}/tuning", ".md", ".tex"),
         multiext(f"{RESULTS}/budgets", ".md", ".tex"),
         f"{RESULTS}/time_to_target.csv",
+        f"{RESULTS}/speedups.csv",
         *[report_table(name) for name in REPORT_TABLES],
     params:
         dbp=DBP,
@@ -60,3 +61,25 @@ rule tables:
     shell:
         "({params.dbp} summarize --results {params.results} --study {params.study} && "
         "{params.dbp} figures --results {params.results} --study {params.study}) > {log} 2>&1"
+
+
+if STUDY.reproduce.of:
+
+    rule reproduce:
+        # This study beside the one it reproduces: the same winners? the same conclusions?
+        input:
+            results=rules.summarize.output,
+            reference=f"results/{STUDY.reproduce.of}/speedups.csv",
+        output:
+            f"{RESULTS}/reproduce.md",
+        params:
+            dbp=DBP,
+            reference=f"results/{STUDY.reproduce.of}",
+            results=RESULTS,
+        log:
+            f"{RESULTS}/logs/reproduce.log",
+        conda:
+            ENV
+        shell:
+            "{params.dbp} reproduce --reference {params.reference} --results {params.results} "
+            "--out {output} > {log} 2>&1"
