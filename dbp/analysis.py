@@ -26,10 +26,6 @@ BASELINE = "bp"
 RELAXED = (0.0, 0.01, 0.02, 0.05)
 FINAL = ("finished", "diverged")
 SHARED_UTIL = 0.75  # a segment using less than this share of its threads' CPU was shared
-# identity's measured ratio may differ this much from its step-time overhead: on the quiet
-# 2-core box, single runs' speed varies by up to ~15 % (seen in the default study), while a
-# process sharing the cores moves it by a factor of 2 to 3
-NOISE_TOLERANCE = 0.25
 STEPCOST = Path("stepcost") / "rounds.csv"  # the side-by-side step times (dbp.stepcost)
 DISTURBED = 1.5  # a step-cost turn this much slower than its arm's median disturbed its round
 SWEEP = "sweep."  # prefix of the flattened override columns, e.g. "sweep.pretrain.blr"
@@ -299,11 +295,12 @@ def choose(points: pd.DataFrame, tolerance: float = REPLICATE_TOLERANCE) -> dict
 
 def select_tuned(results_dir: str | Path, arms: Sequence[str], keys: Sequence[str],
                  seeds: Sequence[int], controls: dict[str, str],
-                 tolerance: float = REPLICATE_TOLERANCE) -> dict:
-    """Each arm's winning grid point (`choose`: rule 5). Controls copy the winner of the arm
-    they control. Every trial of every arm must be present and final."""
+                 tolerance: float = REPLICATE_TOLERANCE, trials: Sequence[str] | None = None) -> dict:
+    """Each arm's winning grid point (`choose`: rule 5) among the study's `trials` (run ids;
+    None: every tuning run found, e.g. a grid point left from an earlier grid). Controls copy
+    the winner of the arm they control. Every trial of every arm must be present and final."""
     runs = load_runs(results_dir)
-    runs = runs[runs["role"] == "tuning"]
+    runs = runs[(runs["role"] == "tuning") & (runs["run_id"].isin(trials) if trials is not None else True)]
     table = tuning_table(runs, load_pretrain(results_dir, runs), tolerance=tolerance)
     chosen: dict[str, dict] = {}
     for arm in arms:
@@ -377,6 +374,28 @@ def load_step_cost(results_dir: str | Path) -> pd.DataFrame:
     return pd.read_csv(path) if path.is_file() else pd.DataFrame()
 
 
+def _kept_turns(rounds: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
+    """The turns of the rounds the ratios use, with seconds and CPU seconds per step, and
+    per round whether it was disturbed: one of its turns shared its cores (CPU use below
+    SHARED_UTIL x threads) or took DISTURBED x its arm's median. Every round is used when
+    fewer than half are undisturbed."""
+    r = rounds.assign(sec=rounds["wall_seconds"] / rounds["steps"],
+                      cpu=rounds["cpu_seconds"] / rounds["steps"])
+    slow = r["sec"] > DISTURBED * r.groupby("arm")["sec"].transform("median")
+    shared = r["cpu_seconds"] < SHARED_UTIL * r["threads"] * r["wall_seconds"]
+    disturbed = (slow | shared).groupby(r["round"]).any()
+    keep = disturbed.index[~disturbed] if (~disturbed).sum() * 2 >= len(disturbed) else disturbed.index
+    return r[r["round"].isin(keep)], disturbed
+
+
+def kept_rounds(rounds: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
+    """Seconds per step, one row per round the step-time ratios use (`round_ratios`), one
+    column per arm; empty without records."""
+    if rounds.empty or baseline not in set(rounds["arm"]):
+        return pd.DataFrame()
+    return _kept_turns(rounds)[0].pivot(index="round", columns="arm", values="sec")
+
+
 def round_ratios(rounds: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
     """Per arm, from the interleaved records: median seconds per step, and the median over
     rounds of the round's step-time ratio to the baseline (quartiles beside it), wall and
@@ -386,13 +405,8 @@ def round_ratios(rounds: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame
     if rounds.empty or baseline not in set(rounds["arm"]):
         return pd.DataFrame(columns=["arm", "sec_per_step", "ratio", "ratio_q25", "ratio_q75",
                                      "cpu_ratio", "rounds", "disturbed"])
-    r = rounds.assign(sec=rounds["wall_seconds"] / rounds["steps"],
-                      cpu=rounds["cpu_seconds"] / rounds["steps"])
-    slow = r["sec"] > DISTURBED * r.groupby("arm")["sec"].transform("median")
-    shared = r["cpu_seconds"] < SHARED_UTIL * r["threads"] * r["wall_seconds"]
-    disturbed = (slow | shared).groupby(r["round"]).any()
-    keep = disturbed.index[~disturbed] if (~disturbed).sum() * 2 >= len(disturbed) else disturbed.index
-    wide = r[r["round"].isin(keep)].pivot(index="round", columns="arm", values=["sec", "cpu"])
+    r, disturbed = _kept_turns(rounds)
+    wide = r.pivot(index="round", columns="arm", values=["sec", "cpu"])
     rows = []
     for arm in r["arm"].unique():
         ratio = wide["sec"][arm] / wide["sec"][baseline]
@@ -466,21 +480,6 @@ def _pairs(ttt: pd.DataFrame, arm: str, metric: str, baseline: str, join: str) -
     return pd.concat({"base": cost(baseline), "value": cost(arm)}, axis=1, join=join)
 
 
-def noise_check(ttt: pd.DataFrame, step_sec: pd.Series, control: str = "identity",
-                baseline: str = BASELINE, tolerance: float = NOISE_TOLERANCE) -> pd.DataFrame:
-    """The control as a noise detector (rule 11): it makes BP's steps, so its measured
-    wall-clock ratio T_BP / T_control must sit at 1 / its step-time ratio. Per seed: the
-    measured and expected ratio and `flag` when they differ by more than `tolerance`."""
-    if control not in set(ttt["arm"]) or baseline not in step_sec or control not in step_sec:
-        return pd.DataFrame(columns=["seed", "measured", "expected", "flag"])
-    expected = step_sec[baseline] / step_sec[control]
-    measured = paired_ratios(ttt, control, "train_seconds", baseline).dropna()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        off = np.abs(np.log(measured.to_numpy(float) / expected))
-    return pd.DataFrame({"seed": measured.index, "measured": measured.to_numpy(float),
-                         "expected": expected, "flag": ~(off <= math.log1p(tolerance))})
-
-
 # ----------------------------------------------------------------------------- budgets
 
 def budget_curves(runs: pd.DataFrame, curves: pd.DataFrame, step_sec: pd.Series) -> pd.DataFrame:
@@ -491,31 +490,6 @@ def budget_curves(runs: pd.DataFrame, curves: pd.DataFrame, step_sec: pd.Series)
     return s.assign(seconds=s["planned_steps"] * s["arm"].map(step_sec),
                     final_val_loss=s["final_val_loss"].where(s["status"] == "finished", math.inf))[
         ["run_id", "arm", "seed", "planned_steps", "seconds", "total_train_seconds", "final_val_loss"]]
-
-
-def budget_speedup(btt: pd.DataFrame, arm: str, baseline: str = BASELINE, level: float = 0.95) -> dict:
-    """The paired summary of T_baseline / T_arm read off the budget curves (one target)."""
-    b = btt.pivot(index="seed", columns="arm", values="seconds") if len(btt) else pd.DataFrame()
-    if baseline not in b or arm not in b:
-        return {"arm": arm, **S.ratio_summary([], [], level)}
-    both = b[[baseline, arm]].dropna(how="all")
-    kind = btt.pivot(index="seed", columns="arm", values="kind").reindex(both.index)
-    below = (kind[baseline] == "at most") & (kind[arm] == "at most")
-    both[below] = math.nan  # both already below at the shortest budget: no information
-    return {"arm": arm, **S.ratio_summary(both[baseline], both[arm], level)}
-
-
-def budget_time_to_target(bc: pd.DataFrame, target: float) -> pd.DataFrame:
-    """Per arm and seed with more than one budget: where its budget curve (final loss of
-    fully decayed runs against steps x the arm's step time) reaches the target (rule 9)."""
-    rows = []
-    for (arm, seed), g in bc.groupby(["arm", "seed"], sort=True):
-        if len(g) < 2:
-            continue
-        g = g.sort_values("planned_steps")
-        t, kind = S.curve_crossing(g["seconds"], g["final_val_loss"], target)
-        rows.append({"arm": arm, "seed": seed, "budgets": len(g), "seconds": t, "kind": kind})
-    return pd.DataFrame(rows, columns=["arm", "seed", "budgets", "seconds", "kind"])
 
 
 def equal_time(bc: pd.DataFrame, arm: str, baseline: str = BASELINE) -> pd.DataFrame:

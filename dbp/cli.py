@@ -11,6 +11,7 @@
     dbp stepcost --config C --seed S --out F      # every arm's step time, side by side
     dbp select --config C --results R --out F     # per-arm tuning winners from the trials
     dbp summarize --results results/default       # tables: headline, per seed, overhead, ...
+    dbp reproduce --reference results/default --results results/default-avx2   # the two side by side
     dbp figures --results results/default         # figures into paper_figures/default/
     dbp config --config C                         # validate and print the resolved config
 """
@@ -174,7 +175,8 @@ def _cmd_select(args) -> None:
     cfg = load_config(args.config, args.overrides)
     try:
         chosen = select_tuned(args.results, cfg.tuned_arms(), list(cfg.tuning.grid),
-                              cfg.seeds.tuning, controls=CONTROLS, tolerance=cfg.tuning.tolerance)
+                              cfg.seeds.tuning, controls=CONTROLS, tolerance=cfg.tuning.tolerance,
+                              trials=[r.run_id for r in cfg.runs().values() if r.kind == "trial"])
     except ValueError as e:
         sys.exit(f"dbp select: {e}")
     atomic_write_json(args.out, chosen)
@@ -276,6 +278,18 @@ def _cmd_summarize(args) -> None:
     except ValueError as e:
         sys.exit(f"dbp summarize: {e}")
     print(f"{len(paths)} tables in {args.results}")
+
+
+def _cmd_reproduce(args) -> None:
+    from dbp.records import atomic_write_text
+    from dbp.reproduce import compare
+    try:
+        text, ok = compare(args.reference, args.results)
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"dbp reproduce: {e}")
+    if args.out:
+        atomic_write_text(args.out, text)
+    print(text)
 
 
 def _cmd_figures(args) -> None:
@@ -399,6 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--readme", type=Path, help="also fill this README's headline block")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("reproduce", help="a reproduction's winners and conclusions beside its reference's")
+    p.add_argument("--reference", required=True, help="the reference study's results, e.g. results/default")
+    p.add_argument("--results", required=True, help="the reproduction's results")
+    p.add_argument("--out", help="also write the Markdown here")
+    p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("gpus", help="run a command on N GPUs of its own (workstation jobs)")
     p.add_argument("n", type=int)
