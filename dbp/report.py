@@ -17,12 +17,13 @@ import numpy as np
 import pandas as pd
 
 from dbp import analysis as A
+from dbp import speedup as SP
 from dbp.arms import REGISTRY
 from dbp.records import atomic_write_text
 
 PAPER = {"seconds": "21.1 %", "mIoU": "+1.1"}
 README_START, README_END = "<!-- headline:start -->", "<!-- headline:end -->"
-README_TABLES = ("headline", "arms", "downstream")
+README_TABLES = ("headline", "sensitivity", "stability", "arms", "downstream")
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -41,10 +42,12 @@ class Analysis:
     step_sec: pd.Series
     ttt: pd.DataFrame           # scored runs at every target (column relax)
     comparisons: pd.DataFrame   # each arm vs BP, every cost, strict target
-    noise: pd.DataFrame
+    clock: pd.DataFrame         # identity's whole-run time ratio against its step-time ratio, per seed
     overhead: pd.DataFrame
     budgets: pd.DataFrame
     budget_ttt: pd.DataFrame    # budget-curve crossings at every target (column relax)
+    speedups: pd.DataFrame      # budget-curve speed-ups: every reading at the target, the primary at relaxed ones
+    stability: pd.DataFrame     # spikes and divergences of the scored runs, per arm
     tuning: pd.DataFrame
     sweep: pd.DataFrame
     selected: dict | None
@@ -55,6 +58,7 @@ class Analysis:
     arms: list[str]
     hardware: str
     level: float
+    stray: list[str]            # run folders the study's config does not declare: left out
 
     @property
     def strict(self) -> pd.DataFrame:
@@ -63,6 +67,12 @@ class Analysis:
     @property
     def budget_strict(self) -> pd.DataFrame:
         return self.budget_ttt[self.budget_ttt["relax"] == 0]
+
+    def speedup(self, arm: str, reading: str = "primary", relax: float = 0.0) -> dict | None:
+        """The budget-curve summary of `arm` (speedup.summarize), or None."""
+        s = self.speedups
+        r = s[(s["arm"] == arm) & (s["reading"] == reading) & (s["relax"] == relax)] if len(s) else s
+        return r.iloc[0].to_dict() if len(r) else None
 
     @property
     def seeds(self) -> list[int]:
@@ -76,7 +86,7 @@ class Analysis:
 
 def analyze(results_dir: str | Path, study: str, *, level: float = 0.95) -> Analysis:
     """Load results/<study> (`results_dir`) and compute every table of the report."""
-    runs = A.load_runs(results_dir)
+    runs, stray = _declared(A.load_runs(results_dir), Path(results_dir) / "config.yaml")
     if runs.empty:
         raise ValueError(f"{results_dir}: no pre-training runs")
     curves, finetune, probe = A.load_pretrain(results_dir, runs), A.load_finetune(results_dir), \
@@ -84,27 +94,50 @@ def analyze(results_dir: str | Path, study: str, *, level: float = 0.95) -> Anal
     done = A.final(runs)
     target, n_target = A.target_loss(curves[curves["status"].isin(A.FINAL)])
     seg = A.segments(curves, runs)
-    cost = A.round_ratios(A.load_step_cost(results_dir))
+    rounds = A.load_step_cost(results_dir)
+    cost = A.round_ratios(rounds)
+    ratio = cost.set_index("arm")["ratio"] if len(cost) else pd.Series(dtype=float)
     step_sec = A.arm_step_seconds(seg, cost)
     ttt = pd.concat([A.time_to_target(curves, done, t, step_sec).assign(relax=r)
                      for r, t in A.relaxed_targets(target).items()], ignore_index=True)
     arms = ordered_arms(runs.loc[runs["role"] == "scored", "arm"])
     others = [a for a in arms if a != A.BASELINE]
     bc = A.budget_curves(done, curves, step_sec)
+    targets = A.relaxed_targets(target)
+    speedups = pd.concat([SP.speedups(bc, t, rounds, ratio, others, level,
+                                      readings=SP.SENSITIVITY if r == 0 else SP.SENSITIVITY[:1]).assign(relax=r)
+                          for r, t in targets.items()], ignore_index=True)
+    head = speedups[(speedups["arm"] == "dbp") & (speedups["reading"] == "primary")] if len(speedups) else speedups
     sel_path = Path(results_dir) / "tuning" / "selected.json"
     selected = json.loads(sel_path.read_text()) if sel_path.is_file() else {}
     return Analysis(
         study=study, runs=runs, curves=curves, finetune=finetune, target=target, n_target=n_target,
         segments=seg, step_cost=cost, step_sec=step_sec, ttt=ttt,
         comparisons=A.comparisons(ttt[ttt["relax"] == 0], others, level=level),
-        noise=A.noise_check(ttt[ttt["relax"] == 0], step_sec), overhead=A.overhead(seg, runs, curves, cost),
-        budgets=bc, budget_ttt=pd.concat([A.budget_time_to_target(bc, t).assign(relax=r)
-                                          for r, t in A.relaxed_targets(target).items()], ignore_index=True),
+        clock=SP.clock_check(A.run_summary(curves), ratio if len(ratio) else step_sec / step_sec.get(A.BASELINE, math.nan),
+                             float(head["median"].iloc[0]) if len(head) else math.nan),
+        overhead=A.overhead(seg, runs, curves, cost), budgets=bc,
+        budget_ttt=pd.concat([SP.crossings(bc, t).assign(relax=r) for r, t in targets.items()], ignore_index=True),
+        speedups=speedups, stability=SP.stability(runs, curves, A.SPIKE_RISE),
         tuning=A.tuning_table(runs, curves, tolerance=selected.get("tolerance", A.REPLICATE_TOLERANCE)),
         sweep=A.tuning_table(runs, curves, role="sweep"), selected=selected or None,
         miou=_differences(finetune, level), probe=probe, probe_diffs=_differences(probe, level),
         encoder_seconds=A.pretrain_seconds(runs, step_sec), arms=arms, hardware=_hardware(runs),
-        level=level)
+        level=level, stray=stray)
+
+
+def _declared(runs: pd.DataFrame, config: Path) -> tuple[pd.DataFrame, list[str]]:
+    """The runs the study's resolved config (results/<study>/config.yaml) declares, and the
+    folders it does not (left by an earlier config: never read as this study's). Without the
+    file, every run."""
+    if not config.is_file() or runs.empty:
+        return runs, []
+    from dbp.config import load_config
+    from dbp.jobs import study_runs
+    declared = {(r.run_id, s) for r in study_runs(load_config(config)).values() for s in r.seeds}
+    keep = [(r, s) in declared for r, s in runs[["run_id", "seed"]].itertuples(index=False)]
+    stray = runs[[not k for k in keep]]
+    return runs[keep], [f"{r}/seed{s}" for r, s in stray[["run_id", "seed"]].itertuples(index=False)]
 
 
 def _differences(downstream: pd.DataFrame, level: float) -> pd.DataFrame:
@@ -194,14 +227,39 @@ def _speedup_row(label: str, r, paper: str) -> dict:
             "Exact paired test": f"p = {r['p_value']:.3g} (sign-flip)"}
 
 
-def _budget_row(a: Analysis, arm: str, relax: float = 0.0) -> dict:
+def _budget_row(a: Analysis, arm: str, relax: float = 0.0, reading: str = "primary") -> dict:
     """Time to target read off each seed's budget curve (fully decayed runs), paired: the
-    primary row, beside the paper's wall-clock figure."""
-    r = A.budget_speedup(a.budget_ttt[a.budget_ttt["relax"] == relax], arm, level=a.level)
-    if r["n"] == 0:
+    primary row, beside the paper's wall-clock figure (docs/protocol.md rules 8, 9, 11)."""
+    r = a.speedup(arm, reading, relax)
+    if r is None:
         return {"Quantity": PRIMARY, "Ours [interval]": "n/a (no budget ladder)", "Reduction": "–",
                 "Paper": PAPER["seconds"], "Seeds": "0", "Exact paired test": "–"}
-    return _speedup_row(PRIMARY, r, PAPER["seconds"])
+    m = r["median"]
+    return {"Quantity": PRIMARY, "Ours [interval]": f"{_median(r)} {_order_interval(r)}",
+            "Reduction": _pct(1 - 1 / m) if m > 0 else _num(m), "Paper": PAPER["seconds"],
+            "Seeds": _bounds(r), "Exact paired test": f"p = {r['p_value']:.3g} (signed-rank, bounds "
+            f"and step cost at their worst)" if r["step_cost"] else f"p = {r['p_value']:.3g} (signed-rank)"}
+
+
+def _median(r: dict) -> str:
+    """The median ratio; its range where bounds reach it."""
+    same = math.isclose(r["median_lo"], r["median_hi"])
+    return f"{_times(r['median'])} median" + ("" if same else
+                                              f" (in [{_times(r['median_lo'])}, {_times(r['median_hi'])}])")
+
+
+def _order_interval(r: dict) -> str:
+    """"[lo, hi] (what interval)" of a budget-curve summary."""
+    cost = ", step cost in" if r["step_cost"] else ""
+    what = (f"{100 * r['coverage']:.1f} % order-statistic interval{cost}" if r["interval"] == "order"
+            else f"range of {r['n_defined']} seeds{cost}")
+    return f"[{_times(r['lo'])}, {_times(r['hi'])}] ({what})"
+
+
+def _bounds(r: dict) -> str:
+    open_ = r["n"] - r["n_defined"]
+    return (f"{r['n']} ({r['n_exact']} exact, {r['n_at_least']} at least, {r['n_at_most']} at most"
+            + (f", {open_} open" if open_ else "") + ")")
 
 
 def _miou_rows(diffs: pd.DataFrame, arm: str, what: str) -> list[dict]:
@@ -298,11 +356,47 @@ def per_seed_table(a: Analysis) -> pd.DataFrame:
         "Time, steps x step time (s)": t["seconds"].map(lambda x: _num(x, ".1f")),
         "Time, measured (s)": t["train_seconds"].map(lambda x: _num(x, ".1f")),
         "CPU time (s)": t["cpu_seconds"].map(lambda x: _num(x, ".1f")),
-        "Speed-up vs BP": [_times(ratio[r.arm].get(r.seed, math.nan)) for r in t.itertuples()],
+        "Speed-up vs BP, first crossing": [_times(ratio[r.arm].get(r.seed, math.nan)) for r in t.itertuples()],
+        "Speed-up vs BP, budget curve (primary)": [_seed_speedup(a, r.arm, r.seed) for r in t.itertuples()],
         "Budget curve (s)": [f"{_num(curve.loc[(r.arm, r.seed), 'seconds'], '.1f')} ({curve.loc[(r.arm, r.seed), 'kind']})"
                              if (r.arm, r.seed) in curve.index else "–" for r in t.itertuples()],
         "Shared segments": [int(shared.get((r.run_id, r.seed), 0)) for r in t.itertuples()],
     })
+
+
+def _seed_speedup(a: Analysis, arm: str, seed: int) -> str:
+    """One seed's primary T_BP / T_arm: exact, at least (>=) or at most (<=); – for BP."""
+    r = a.speedup(arm)
+    value = (r or {}).get("seeds", {}).get(int(seed))
+    if value is None or not math.isfinite(value[0]):
+        return "–" if value is None else "open (both beyond the ladder)"
+    return {1: ">= ", -1: "<= ", 0: ""}[value[1]] + _times(math.exp(value[0]))
+
+
+def sensitivity_table(a: Analysis) -> pd.DataFrame:
+    """Every arm's budget-curve speed-up under each reading of the curve (docs/protocol.md
+    rule 9): does the conclusion depend on how a non-monotone curve, the interpolation or
+    the step cost's uncertainty is treated?"""
+    s = a.speedups[a.speedups["relax"] == 0] if len(a.speedups) else a.speedups
+    return pd.DataFrame([{
+        "Arm": r["arm"], "Reading": r["reading"], "Median [interval]": f"{_median(r)} {_order_interval(r)}",
+        "Test": f"p = {r['p_value']:.3g}", "Seeds": _bounds(r),
+        "Geometric mean, exact seeds [t interval]": (f"{_times(r['geo_mean'])} [{_times(r['t_lo'])}, "
+                                                     f"{_times(r['t_hi'])}] ({r['n_exact']} seeds)"
+                                                     if r["t_interval"] == "t" else
+                                                     f"{_times(r['geo_mean'])} ({r['n_exact']} seeds: no interval)"),
+        "Conclusion": r["conclusion"]} for r in s.to_dict("records")])
+
+
+def stability_table(a: Analysis) -> pd.DataFrame:
+    """Per arm: scored runs that spiked or diverged (docs/protocol.md rule 15)."""
+    st = a.stability.assign(_o=a.stability["arm"].map(a.arms.index)).sort_values("_o")
+    return pd.DataFrame({
+        "Arm": st["arm"], "Scored runs": st["runs"],
+        "Runs with a spike": st["runs_spiked"].astype(str),
+        "Seeds with a spike": st["seeds_spiked"].map(lambda x: ", ".join(map(str, x)) or "none"),
+        "Worst rise (run)": [f"{_pct(w)} ({run})" if w > 0 else "none" for w, run in st[["worst", "worst_run"]].to_numpy()],
+        "Diverged": st["diverged"].astype(str)})
 
 
 def overhead_table(a: Analysis) -> pd.DataFrame:
@@ -417,11 +511,23 @@ def _flags(a: Analysis) -> str:
     """What a reader must know before trusting the headline: contention, the noise
     detector, unfinished runs, pinned tuning, too few seeds."""
     out = []
-    noisy = a.noise[a.noise["flag"]] if len(a.noise) else a.noise
-    if len(noisy):
-        out.append(f"NOISE FLAG: identity's measured ratio is off its step-time overhead by more than "
-                   f"{A.NOISE_TOLERANCE:.0%} on seeds {noisy['seed'].tolist()}: measured wall-clock "
-                   "there is not trustworthy (the primary row uses steps x step time).")
+    off = a.clock[a.clock["flag"]] if len(a.clock) else a.clock
+    if len(off):
+        out.append(f"CLOCK FLAG: identity's whole-run time ratio to BP strays from its side-by-side "
+                   f"step-time ratio ({a.clock['expected'].iloc[0]:.3f}) by more than "
+                   f"{a.clock['tolerance'].iloc[0]:.1%} (half the claimed effect) on seeds "
+                   f"{off['seed'].tolist()} (measured {', '.join(f'{x:.3f}' for x in off['measured'])}): "
+                   "the runs' own clocks cannot confirm the step cost the headline uses.")
+    unstable = [f"{arm} ({c['run_id']})" for arm, c in (a.selected or {}).get("arms", {}).items()
+                if not c.get("from") and c.get("stable") is False]
+    if unstable:
+        out.append(f"TUNING FLAG: no stable grid point for {', '.join(unstable)}: the winner is the "
+                   "lowest mean of unstable points.")
+    close = [arm for arm, c in (a.selected or {}).get("arms", {}).items() if not c.get("from") and c.get("within_spread")]
+    if close:
+        out.append(f"Tuning margin within the tuning seeds' spread for {', '.join(close)}: another "
+                   "set of tuning seeds may pick another value.")
+    out.append(_power(a))
     shared = int(a.segments.loc[a.segments["role"] == "scored", "shared"].sum())
     if shared:
         out.append(f"{shared} of {int((a.segments['role'] == 'scored').sum())} scored training "
@@ -429,6 +535,9 @@ def _flags(a: Analysis) -> str:
     if not len(a.step_cost):
         out.append("No side-by-side step cost: wall-clock uses each arm's own step times, so a "
                    "machine slower while one arm's runs were timed moves the headline.")
+    if a.stray:
+        out.append(f"Left out {len(a.stray)} run folders that the study's config does not declare "
+                   f"(an earlier config's): {', '.join(a.stray[:6])}{' ...' if len(a.stray) > 6 else ''}.")
     open_runs = A.unfinished(a.runs)
     if len(open_runs):
         out.append("Unfinished runs (not scored): " + ", ".join(
@@ -449,6 +558,19 @@ def _flags(a: Analysis) -> str:
         out.append(f"{len(a.seeds)} scored seeds: an exact paired test cannot reach p < 0.05 "
                    "below 6.")
     return " ".join(out)
+
+
+def _power(a: Analysis, arm: str = "dbp") -> str:
+    """The power line: the smallest speed-up this many seeds at this spread resolve, and the
+    seeds a +-10 % interval needs (docs/protocol.md rule 8)."""
+    r = a.speedup(arm)
+    if r is None or not math.isfinite(r["sd"]):
+        return "Power: not estimable (fewer than two seeds with exact crossings)."
+    return (f"Power: the seeds' log speed-ups spread by sd {r['sd']:.3f} ({r['n_exact']} exact seeds); "
+            f"with {r['n_defined']} seeds a paired test at 5 % finds a speed-up of "
+            f"{_times(r['min_detectable'])} 80 % of the time, and a +-10 % interval would need about "
+            f"{_num(r['seeds_for_10pct'], '.0f')} seeds (the step cost's share, sd "
+            f"{r['step_cost_sd']:.3f} in log, shrinks with more step-cost rounds, not seeds).")
 
 
 def _downstream_note(a: Analysis) -> str:
@@ -486,20 +608,37 @@ def _captions(a: Analysis) -> dict[str, tuple[str, str]]:
               f"best validation losses of {a.n_target} BP target-setting runs (never scored) = "
               f"{a.target:.4f}.")
     return {
-        "headline": ("Headline: DBP-MAE against BP-MAE", f"{common} Cost rows give the speed-up "
-                     "T_BP / T_DBP per seed: geometric mean over seeds where both reached, with a "
-                     "t interval on the log ratios (range below 5 pairs); exact two-sided "
-                     "sign-flip test over every seed (a miss counts as the most extreme value). "
-                     "Primary: where each seed's budget curve (final loss of runs fully decayed at "
-                     "0.5x, 1x, 1.5x the base budget, time = steps x " + _time_basis(a) + ") reaches "
-                     "the target. First crossing: the first "
+        "headline": ("Headline: DBP-MAE against BP-MAE", f"{common} Primary (docs/protocol.md "
+                     "version 3): per seed, T_BP / T_DBP where each arm's budget curve (final loss "
+                     "of runs fully decayed at 0.5x, 1x, 1.5x the base budget, time = steps x "
+                     + _time_basis(a) + ") reaches the target, read on the curve's running minimum "
+                     "and interpolated in log-budget; a curve already below at its shortest budget "
+                     "or never below is a bound, not a value. Median over seeds with its "
+                     "distribution-free order-statistic interval, widened by the step-time ratio's "
+                     "own bootstrap interval (the two levels add up to 95 %); exact signed-rank "
+                     "test, its p the largest any value the bounds allow and any ratio in the step "
+                     "cost's 99 % interval give, + 0.01 (Berger-Boos). Other cost rows: the first "
+                     "crossing inside the base run, geometric mean over seeds where both reached, "
+                     "t interval (range below 5 pairs), sign-flip test. First crossing: the first "
                      "validation point at or below the target inside the base-budget run. Energy: "
                      f"{a.energy_kind}" + (" (codecarbon's TDP x load estimate: a rescaled "
                      "clock, not comparable with the paper's 21.4 % CO2)" if a.energy_kind ==
                      "modelled" else "") + f".{_downstream_note(a)} {_flags(a)}"),
-        "per_seed": ("Every scored seed at the target", f"{common} Speed-up at the primary "
-                     "wall-clock; shared segments = timed segments where another process used "
-                     "the cores."),
+        "per_seed": ("Every scored seed at the target", f"{common} Speed-up vs BP, budget curve: "
+                     "the primary quantity of each seed (>= / <=: a bound, the curve crossed "
+                     "before its shortest or after its longest budget). Speed-up vs BP, first "
+                     "crossing: inside the base run, at steps x step time. Shared segments = timed "
+                     "segments where another process used the cores."),
+        "sensitivity": ("How much the headline depends on the reading of the curve", f"{common} "
+                        "Each row reads the same runs another way: primary (running minimum, "
+                        "log-budget, step cost's uncertainty in), without the step cost's "
+                        "uncertainty, the curve as measured, non-monotone points skipped, linear "
+                        "interpolation, and protocol version 2's reading. Conclusion: faster or "
+                        "slower when the whole interval lies on one side of 1."),
+        "stability": ("Unstable runs", f"{common} A spike: a validation loss more than "
+                      f"{A.SPIKE_RISE:.0%} above the run's best so far; every scored run of every "
+                      "budget. Unstable runs are a result of the method and its tuned rate, "
+                      "scored as they ended."),
         "overhead": ("Step-time overhead and contention", f"{common} Headline seconds per step = "
                      f"{_time_basis(a)}. Side by side: the arms' steps interleaved in one process "
                      "(median over rounds of the per-round ratio; quartiles). Study ratio: each "
@@ -519,13 +658,19 @@ def _captions(a: Analysis) -> dict[str, tuple[str, str]]:
                  "steps to target at the first crossing (geometric mean); step time as the "
                  "ratio to BP measured side by side. Controls are not tuned and have no budget "
                  "ladder."),
-        "tuning": ("Tuning trials", f"{common} Every arm's trials on the tuning seeds, fully "
-                   "decayed base-budget schedules; the lowest mean final validation loss wins "
-                   "and feeds every target-setting and scored run." +
+        "tuning": ("Tuning trials", f"{common} Every arm's grid points on the tuning seeds, each "
+                   "trial a fully decayed base-budget schedule, each beside its numerics replicate "
+                   "(initial weights nudged by tuning.replicate). A point is stable when no trial "
+                   f"diverged or spiked (> {A.SPIKE_RISE:.0%} above its best) and every replicate "
+                   f"ended within tuning.tolerance ({_num((a.selected or {}).get('tolerance', A.REPLICATE_TOLERANCE))}, "
+                   "relative) of its trial; the lowest mean final loss among the stable points "
+                   "wins (a tie inside the tolerance goes to the earlier point) and feeds every "
+                   "target-setting and scored run. Margin: the runner-up's mean minus the "
+                   "winner's, flagged when inside the winner's seed spread." +
                    ("" if a.selected else " This study pinned its values instead.")),
         "budgets": ("Budget ladder", f"{common} Fully decayed runs at several budgets; DBP's loss "
                     "at BP's time read off DBP's budget curve (linear between budgets; – outside "
-                    "them), and where each curve reaches the target."),
+                    "them), and where each curve reaches the target (primary reading)."),
         "sweep": ("Sweep (exploration, tuning seeds, never scored)", f"{common}" +
                   ("" if len(a.sweep) else " This study has no sweep.")),
     }
@@ -538,11 +683,13 @@ def write_report(results_dir: str | Path, study_name: str, readme: str | Path | 
     Returns the paths."""
     out = Path(results_dir)
     a = analyze(out, study_name, **analyze_kwargs)
-    tables = {"headline": headline_table(a), "arms": arms_table(a), "relaxed": relaxed_table(a),
+    tables = {"headline": headline_table(a), "sensitivity": sensitivity_table(a),
+              "stability": stability_table(a), "arms": arms_table(a), "relaxed": relaxed_table(a),
               "per_seed": per_seed_table(a), "downstream": downstream_table(a),
               "overhead": overhead_table(a), "tuning": tuning_display(a, a.tuning),
               "budgets": budgets_display(a), "sweep": tuning_display(a, a.sweep)}
     texts = {}
+    texts["reading.md"] = reading(a)
     for name, (title, caption) in _captions(a).items():
         texts[f"{name}.md"] = to_markdown(tables[name], title, caption)
         texts[f"{name}.tex"] = to_latex(tables[name], title, caption, f"tab:{study_name}-{name}")
@@ -551,7 +698,9 @@ def write_report(results_dir: str | Path, study_name: str, readme: str | Path | 
                          (("probe", a.probe), ("finetune", a.finetune)) if len(df)] or [pd.DataFrame()])
     for name, df in {"pretrain_runs": a.curves, "finetune_runs": a.finetune, "time_to_target": a.ttt,
                      "comparisons": a.comparisons, "segments": a.segments, "budget_runs": a.budgets,
-                     "probe_runs": a.probe, "per_class_iou": classes,
+                     "probe_runs": a.probe, "per_class_iou": classes, "stability": a.stability,
+                     "speedups": a.speedups.assign(seeds=a.speedups["seeds"].map(json.dumps))
+                     if len(a.speedups) else a.speedups, "clock": a.clock,
                      "downstream": pd.concat([a.probe_diffs.assign(measure="probe"),
                                               a.miou.assign(measure="finetune")])}.items():
         texts[f"{name}.csv"] = df.to_csv(index=False)
@@ -565,9 +714,46 @@ def write_report(results_dir: str | Path, study_name: str, readme: str | Path | 
 
 
 def readme_block(texts: dict[str, str]) -> str:
-    """What the README shows of a study: the headline, every arm against BP, and every
+    """What the README shows of a study: the headline, its reading in words, its sensitivity
+    to the reading of the curve, the unstable runs, every arm against BP, and every
     downstream comparison (each encoder against scratch, BP and BP at its wall-clock)."""
-    return "\n".join(texts[f"{t}.md"] for t in README_TABLES)
+    return "\n".join(texts[f"{t}.md"] for t in ("headline", "reading", *README_TABLES[1:]))
+
+
+def reading(a: Analysis, arm: str = "dbp") -> str:
+    """The headline in words, every number taken from the records (the README's prose)."""
+    r = a.speedup(arm)
+    if r is None:
+        return ""
+    cost = a.overhead.set_index("arm")["ratio"]
+    steps = A.compare(a.strict, arm, "step", level=a.level)
+    others = a.speedups[(a.speedups["arm"] == arm) & (a.speedups["relax"] == 0)
+                        & (a.speedups["reading"] != "primary")]
+    same = int((others["conclusion"] == r["conclusion"]).sum())
+    text = [f"**Reading (generated from the records).** {arm.upper()}'s budget curve reaches the target "
+            f"{_times(r['median'])} as fast as BP's (median of {r['n_defined']} seeds; "
+            f"{_order_interval(r)}; p = {r['p_value']:.3g}): {r['conclusion']}. Each {arm} step costs "
+            f"{_num(cost.get(arm, math.nan), '.3f')}x BP's, measured side by side (the identity control, "
+            f"the same work without the effect: {_num(cost.get('identity', math.nan), '.3f')}x); at the first "
+            f"crossing inside the base run BP needs {_times(steps['geo_mean'])} as many steps "
+            f"({steps['n_both']} seeds where both crossed). The other readings of the budget curve give "
+            + ", ".join(f"{_times(o['median'])} ({o['reading']})" for o in others.to_dict("records"))
+            + f": the same conclusion in {same} of {len(others)}."]
+    spiky = [f"{st['arm']} on seeds {', '.join(map(str, st['seeds_spiked']))} (worst +{st['worst']:.0%}, "
+             f"{st['worst_run']})" for st in a.stability.to_dict("records") if st["runs_spiked"]]
+    text.append("Loss spikes in scored runs: " + ("; ".join(spiky) if spiky else "none") + ".")
+    for other in a.arms:
+        o = a.speedup(other)
+        if other not in (arm, A.BASELINE) and o is not None:
+            text.append(f"{other}: {_times(o['median'])} {_order_interval(o)}, p = {o['p_value']:.3g}: "
+                        f"{o['conclusion']}.")
+    probe = a.probe_diffs[(a.probe_diffs["arm"] == arm) & (a.probe_diffs["vs"] == A.BASELINE)] \
+        if len(a.probe_diffs) else a.probe_diffs
+    if len(probe):
+        p = probe.iloc[0]
+        text.append(f"Linear probe, {arm} against BP: {_points(p['mean'])} points {_interval(p, _points)}, "
+                    f"p = {p['p_value']:.3g}.")
+    return " ".join(text) + "\n"
 
 
 def update_readme(readme: str | Path, headline_md: str) -> None:

@@ -290,7 +290,7 @@ def test_paired_speedup_summary(strict):
 # ----------------------------------------------------------------------------- budgets
 
 def test_budget_curve_and_equal_time(runs, curves, step_sec):
-    bc = A.budget_curves(A.final(runs), curves, step_sec).set_index(["arm", "seed", "planned_steps"])
+    bc = A.budget_curves(A.final(runs), curves, step_sec).set_index(["arm", "seed", "planned_steps"]).sort_index()
     # BP seed 0: 25, 50, 75 steps at 1 s; DBP at 1.25 s a step
     assert bc.loc[("bp", 0), "final_val_loss"].tolist() == [0.60, 0.50, 0.48]
     assert bc.loc[("dbp", 0), "seconds"].tolist() == [31.25, 62.5, 93.75]

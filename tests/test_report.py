@@ -55,10 +55,12 @@ def test_report_files(written, study):
 
 def test_headline_numbers_and_flags(written, study):
     rows = _rows(study / "headline.md")
-    # primary: the budget curves of seeds 0 and 1, BP at 45 s, DBP at most 31.25 s
+    # primary: the budget curves of seeds 0 and 1, BP at 25 x 2^0.8 s (log-budget), DBP at most
+    # 31.25 s: each seed's speed-up is at least 0.8 x 2^0.8 = 1.393, and no more is known
     primary = rows["Wall-clock to target, budget curve (primary)"]
-    assert primary[1] == "1.44x [1.44x, 1.44x] (range of 2 seeds)" and primary[3] == "21.1 %"
-    assert primary[4] == "2 (both reached 2; missed: BP 0, arm 0)" and primary[5] == "p = 0.5 (sign-flip)"
+    assert primary[1] == "1.39x median (in [1.39x, ∞]) [1.39x, ∞] (range of 2 seeds)"
+    assert primary[2] == f"{100 * (1 - 1 / (0.8 * 2 ** 0.8)):.1f} %" and primary[3] == "21.1 %"
+    assert primary[4] == "2 (0 exact, 2 at least, 0 at most)" and primary[5] == "p = 0.5 (signed-rank)"
     first = rows["Wall-clock to target, first crossing (steps x step time)"]
     g = (1.6 ** 4 * (40 / 37.5)) ** 0.2
     assert first[1].startswith(f"{g:.2f}x [") and "95 % t interval" in first[1]
@@ -69,7 +71,7 @@ def test_headline_numbers_and_flags(written, study):
     assert energy[3] == "–"  # a modelled figure is never set beside the paper's CO2
     assert rows["mIoU change vs bp (points)"][1].startswith("+1.17 [+1.00, +1.50] (range of 3 seeds)")
     text = (study / "headline.md").read_text()
-    assert "NOISE FLAG" in text and "seeds [1]" in text  # BP seed 1 was slowed by another process
+    assert "CLOCK FLAG" in text and "seeds [1]" in text  # BP seed 1 was slowed by another process
     assert "1 of 106 scored training segments shared their cores" in text
     assert "identity/seed5 (running)" in text  # unfinished: listed, not scored
     assert "bp {'pretrain.blr': 0.02}" in text and "(from bp)" in text
@@ -80,8 +82,10 @@ def test_headline_numbers_and_flags(written, study):
 def test_per_seed_overhead_tuning_budget_rows(written, study):
     per_seed = _rows(study / "per_seed.md")
     assert per_seed["dbp/3"][5] == "50" and per_seed["dbp/3"][9] == "1.07x"  # sustained later
-    assert per_seed["bp/5"][4] == "∞" and per_seed["bp/1"][7] == "130.0" and per_seed["bp/1"][11] == "1"
-    assert per_seed["bp/1"][10] == "45.0 (interpolated)" and per_seed["dbp/0"][10] == "31.2 (at most)"
+    assert per_seed["bp/5"][4] == "∞" and per_seed["bp/1"][7] == "130.0" and per_seed["bp/1"][12] == "1"
+    assert per_seed["bp/1"][11] == "43.5 (interpolated)" and per_seed["dbp/0"][11] == "31.2 (at most)"
+    # the primary quantity per seed: a bound (DBP at most 31.25 s against BP's 25 x 2^0.8 s)
+    assert per_seed["dbp/0"][10] == ">= 1.39x" and per_seed["bp/0"][10] == "–" and per_seed["dbp/2"][10] == "–"
     assert "identity/5" not in per_seed
     overhead = _rows(study / "overhead.md")
     assert overhead["dbp"][3] == "not measured" and overhead["dbp"][5].startswith("1.250 [1.250, 1.250]")
@@ -91,12 +95,13 @@ def test_per_seed_overhead_tuning_budget_rows(written, study):
     assert tuning["bp__blr=0.02"][-1] == "yes (margin 0.0500)" and tuning["bp__blr=0.02"][-2] == "yes"
     assert tuning["dbp__blr=0.02"][5] == "∞" and tuning["dbp__blr=0.02"][-2] == "no"  # diverged
     budgets = (study / "budgets.md").read_text()
-    assert "45.0 s (interpolated)" in budgets and "31.2 s (at most)" in budgets
+    assert "43.5 s (interpolated)" in budgets and "31.2 s (at most)" in budgets  # 25 x 2^0.8
     relaxed = _rows(study / "relaxed.md")
     assert [r.split()[0] for r in relaxed] == ["+0%", "+1%", "+2%", "+5%"]
     arms = _rows(study / "arms.md")  # every arm beside BP: dbp as in the headline, the control
     assert list(arms) == ["dbp", "identity"]
-    assert arms["dbp"][2] == "1.44x [1.44x, 1.44x] (range of 2 seeds)" and arms["dbp"][6] == "tuned arm"
+    assert arms["dbp"][2] == "1.39x median (in [1.39x, ∞]) [1.39x, ∞] (range of 2 seeds)"
+    assert arms["dbp"][6] == "tuned arm"
     assert arms["dbp"][4] == f"{(2 ** 4 * 40 / 30) ** 0.2:.2f}x" and arms["dbp"][5] == "not measured"
     assert arms["identity"][2] == "n/a (no budget ladder)" and arms["identity"][6] == "control of bp"
 
@@ -128,7 +133,9 @@ def test_readme_block_is_filled_from_the_headline(study, tmp_path):
     readme.write_text(f"intro\n{R.README_START}\nold\n{R.README_END}\noutro\n")
     R.write_report(study, "synthetic", readme=readme)
     text = readme.read_text()
-    assert "\n".join((study / f"{t}.md").read_text() for t in ("headline", "arms", "downstream")) in text
+    assert "\n".join((study / f"{t}.md").read_text()
+                     for t in ("headline", "reading", "sensitivity", "stability", "arms", "downstream")) in text
+    assert "**Reading (generated from the records).** DBP's budget curve reaches the target 1.39x" in text
     assert "old" not in text
     assert text.startswith("intro\n") and text.endswith("outro\n")
     with pytest.raises(ValueError, match="no <!-- headline:start -->"):
@@ -165,7 +172,7 @@ def test_time_to_target_draws_every_seed_and_misses_above_the_axis(analysis):
     fig, data = F.fig_time_to_target(dataclasses.replace(analysis, budget_ttt=btt))
     d = data.set_index("arm")
     assert d["misses"].to_dict() == {"bp": 1, "dbp": 0}
-    assert d["geo_mean"].to_dict() == pytest.approx({"bp": 45.0, "dbp": 31.25})  # budget curves
+    assert d["geo_mean"].to_dict() == pytest.approx({"bp": 25 * 2 ** 0.8, "dbp": 31.25})  # budget curves, log-budget
     ax = fig.axes[0]
     top = ax.get_ylim()[1]
     crosses = [ln for ln in ax.lines if ln.get_marker() == "x"]

@@ -116,13 +116,15 @@ def encoder_of(w):
 
 REPORT_TABLES = {  # table -> report subcategory
     "headline": "1 headline",
-    "arms": "2 every arm",
-    "per_seed": "3 every seed",
-    "overhead": "4 step cost and contention",
-    "budgets": "5 budget ladder",
-    "relaxed": "6 relaxed targets",
-    "tuning": "7 tuning",
-    "downstream": "8 downstream",
+    "sensitivity": "2 readings of the curve",
+    "stability": "3 unstable runs",
+    "arms": "4 every arm",
+    "per_seed": "5 every seed",
+    "overhead": "6 step cost and contention",
+    "budgets": "7 budget ladder",
+    "relaxed": "8 relaxed targets",
+    "tuning": "9 tuning",
+    "downstream": "10 downstream",
 }
 
 

@@ -11,6 +11,8 @@ rule summarize:
         rules.stepcost.output,
     output:
         multiext(f"{RESULTS}/headline", ".md", ".tex"),
+        multiext(f"{RESULTS}/sensitivity", ".md", ".tex"),
+        multiext(f"{RESULTS}/stability", ".md", ".tex"),
         multiext(f"{RESULTS}/downstream", ".md", ".tex"),
         multiext(f"{RESULTS}/per_seed", ".md", ".tex"),
         multiext(f"{RESULTS}/overhead", ".md", ".tex"),
