@@ -36,5 +36,6 @@ rule all:
     default_target: True
     input:
         rules.pretrain_all.input,
+        rules.study_config.output,  # its digest stamp: a stale config.yaml is rewritten
         rules.figures.output,
         [f"{RESULTS}/reproduce.md"] if STUDY.reproduce.of else [],

@@ -245,13 +245,14 @@ def test_committed_reference_study_regenerates_its_tables_and_the_readme(tmp_pat
                 or n.endswith((".pt", ".pth")) or n in ("logs", "export", "benchmarks")]
     shutil.copytree(committed, copy, ignore=records_only)
     R.write_report(copy, "default")
-    for table in ("headline", "arms", "downstream", "per_seed", "overhead", "tuning", "budgets",
-                  "relaxed"):
+    for table in ("headline", "reading", "sensitivity", "stability", "arms", "downstream", "per_seed",
+                  "overhead", "tuning", "budgets", "relaxed"):
         assert (copy / f"{table}.md").read_text() == (committed / f"{table}.md").read_text(), table
+    assert "Left out" not in (copy / "headline.md").read_text()  # every run folder is the study's
     readme = (REPO / "README.md").read_text()
     block = readme.split(R.README_START)[1].split(R.README_END)[0]
     assert block == "\n" + R.readme_block({f"{t}.md": (committed / f"{t}.md").read_text()
-                                           for t in R.README_TABLES})
+                                           for t in ("reading", *R.README_TABLES)})
     runs = [json.loads(p.read_text()) for p in (committed / "pretrain").glob("*/seed*/run.json")]
     assert runs and all(r["status"] == "finished" and not r["provenance"]["git_dirty"] for r in runs)
     assert {r["role"] for r in runs} == {"target", "tuning", "scored", "downstream"}

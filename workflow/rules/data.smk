@@ -4,6 +4,10 @@
 rule study_config:
     output:
         STUDY_CONFIG,
+        # a stamp per config digest: a changed config (or a fresh clone, whose committed
+        # config.yaml Snakemake has no record of) lacks it, so the config is rewritten and
+        # every job after it re-runs, never reading a stale file
+        f"{RESULTS}/logs/config.{CONFIG_DIGEST[:16]}.digest",
     params:
         digest=CONFIG_DIGEST,  # a config change re-runs everything downstream
         resolved=RESOLVED,
@@ -13,6 +17,7 @@ rule study_config:
         from dbp.records import atomic_write_text
 
         atomic_write_text(output[0], yaml.safe_dump(params.resolved, sort_keys=False))
+        atomic_write_text(output[1], params.digest + "\n")
 
 
 if STUDY.data.kind == "embedded":
