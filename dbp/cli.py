@@ -289,6 +289,9 @@ def _cmd_reproduce(args) -> None:
         sys.exit(f"dbp reproduce: {e}")
     if args.out:
         atomic_write_text(args.out, text)
+    if args.readme:
+        from dbp.report import update_readme
+        update_readme(args.readme, text, block="reproduce")
     print(text)
 
 
@@ -418,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", required=True, help="the reference study's results, e.g. results/default")
     p.add_argument("--results", required=True, help="the reproduction's results")
     p.add_argument("--out", help="also write the Markdown here")
+    p.add_argument("--readme", help="also fill this README's reproduce block")
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("gpus", help="run a command on N GPUs of its own (workstation jobs)")

@@ -756,11 +756,13 @@ def reading(a: Analysis, arm: str = "dbp") -> str:
     return " ".join(text) + "\n"
 
 
-def update_readme(readme: str | Path, headline_md: str) -> None:
-    """Replace the text between the README's headline markers by `headline_md`."""
+def update_readme(readme: str | Path, block_md: str, block: str = "headline") -> None:
+    """Replace the text between the README's `<!-- {block}:start -->` and `:end -->` markers
+    by `block_md`."""
+    start, end = f"<!-- {block}:start -->", f"<!-- {block}:end -->"
     text = Path(readme).read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme}: no {README_START} ... {README_END} block to fill")
-    head, rest = text.split(README_START, 1)
-    tail = rest.split(README_END, 1)[1]
-    atomic_write_text(readme, f"{head}{README_START}\n{headline_md}{README_END}{tail}")
+    if start not in text or end not in text:
+        raise ValueError(f"{readme}: no {start} ... {end} block to fill")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    atomic_write_text(readme, f"{head}{start}\n{block_md}{end}{tail}")
