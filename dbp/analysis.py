@@ -280,17 +280,25 @@ def choose(points: pd.DataFrame, tolerance: float = REPLICATE_TOLERANCE) -> dict
     the lowest mean final loss among the stable points (none stable: among all, flagged);
     a point within `tolerance` (relative) of it that comes earlier in the grid wins instead,
     so a tie inside floating-point noise cannot flip with the machine. Beside it: the margin
-    to the runner-up (the next-lowest mean of any point) and whether that margin lies within
-    the winner's seed spread."""
+    to the runner-up among the same points, whether that margin lies within the winner's
+    seed spread, and the lowest mean of an unstable point when it undercuts the winner."""
     pool = points[points["stable"]] if points["stable"].any() else points
     best = float(pool["final_val_loss"].min())
     win = pool[pool["final_val_loss"] <= best * (1 + tolerance)].iloc[0]
-    rest = points.loc[points.index != win.name, "final_val_loss"]
+    rest = pool.loc[pool.index != win.name, "final_val_loss"]
     margin = float(rest.min() - win["final_val_loss"]) if len(rest) else math.inf
+    unstable = points.loc[~points["stable"], "final_val_loss"]
+    lower = unstable[unstable < win["final_val_loss"]]
     return {"run_id": win["run_id"], "final_val_loss": float(win["final_val_loss"]),
             "stable": bool(win["stable"]), "margin": margin, "seed_spread": float(win["seed_spread"]),
             "within_spread": bool(margin < win["seed_spread"]),
-            "replicate_gap": float(win["replicate_gap"])}
+            "replicate_gap": float(win["replicate_gap"]),
+            "unstable_lower": float(lower.min()) if len(lower) and points["stable"].any() else None}
+
+
+def grid_order(table: pd.DataFrame, arm: str, keys: Sequence[str]) -> pd.DataFrame:
+    """An arm's rows of `tuning_table`, in grid order (the order `choose` breaks ties by)."""
+    return table[table["arm"] == arm].sort_values([SWEEP + k for k in keys])
 
 
 def select_tuned(results_dir: str | Path, arms: Sequence[str], keys: Sequence[str],
@@ -312,9 +320,8 @@ def select_tuned(results_dir: str | Path, arms: Sequence[str], keys: Sequence[st
         open_runs = unfinished(mine)
         if len(open_runs):
             raise ValueError(f"{results_dir}: unfinished tuning trials {open_runs['run_id'].tolist()}")
-        t = table[table["arm"] == arm].sort_values([SWEEP + k for k in keys])
-        c = choose(t, tolerance)
-        row = t[t["run_id"] == c["run_id"]].iloc[0]
+        c = choose(grid_order(table, arm, keys), tolerance)
+        row = table[table["run_id"] == c["run_id"]].iloc[0]
         chosen[arm] = {"values": {k: _plain(row[SWEEP + k]) for k in keys}, **c}
     for control, of in controls.items():
         if of in chosen:

@@ -423,7 +423,7 @@ def tuning_display(a: Analysis, table: pd.DataFrame) -> pd.DataFrame:
     """Every grid point (or sweep point): its values, seeds and trials, mean final validation
     loss, seed spread, numerics-replicate gap, spikes and stability; the winner per arm is
     marked with its margin to the runner-up (flagged when inside the seed spread)."""
-    winners = {c["run_id"]: c for c in (a.selected or {}).get("arms", {}).values() if not c.get("from")}
+    winners = {c["run_id"]: c for c in tuning_choices(a).values()}
     keys = {c: c.removeprefix(A.SWEEP) for c in A.sweep_columns(table) if table[c].notna().any()}
     out = table[["run_id", "arm", *keys]].rename(columns={"run_id": "Run", "arm": "Arm", **keys})
 
@@ -431,19 +431,34 @@ def tuning_display(a: Analysis, table: pd.DataFrame) -> pd.DataFrame:
         c = winners.get(run_id)
         if c is None:
             return ""
-        if "margin" not in c:  # a selection of protocol version 2
-            return "yes"
-        note = "; WITHIN SEED SPREAD" if c["within_spread"] else ""
-        return f"yes (margin {_num(c['margin'], '.4f')}{note})" + ("" if c["stable"] else "; NO STABLE POINT")
+        notes = [f"margin {_num(c['margin'], '.4f')}", "WITHIN SEED SPREAD" if c["within_spread"] else "",
+                 "" if c["stable"] else "NO STABLE POINT",
+                 f"an unstable point reached {c['unstable_lower']:.4f}" if c["unstable_lower"] else ""]
+        return f"yes ({'; '.join(n for n in notes if n)})"
     return out.astype(str).assign(**{
         "Seeds": table["n_seeds"].astype(str).to_numpy(),
         "Trials": table["n_trials"].astype(str).to_numpy(),
         "Final val loss (mean)": table["final_val_loss"].map(lambda x: _num(x, ".4f")).to_numpy(),
         "Seed spread": table["seed_spread"].map(lambda x: _num(x, ".4f")).to_numpy(),
         "Replicate gap": table["replicate_gap"].map(lambda x: _num(100 * x, ".2g") + " %").to_numpy(),
-        "Spikes (worst)": [f"{n} ({_pct(w)})" for n, w in table[["spikes", "worst_spike"]].to_numpy()],
+        "Spikes (worst)": [f"{n} ({_pct(w)})" for n, w in zip(table["spikes"], table["worst_spike"])],
         "Stable": ["yes" if s else "no" for s in table["stable"]],
         "Selected": [selected(r) for r in table["run_id"]]})
+
+
+def tuning_choices(a: Analysis) -> dict[str, dict]:
+    """Each tuned arm's winner as the protocol picks it from the tuning table (A.choose), so
+    the report shows the rule's margins whatever version of `dbp select` wrote the study's
+    selection; a winner that differs from the selection's is an error."""
+    sel = {arm: c for arm, c in (a.selected or {}).get("arms", {}).items() if not c.get("from")}
+    keys = (a.selected or {}).get("keys", [])
+    out = {}
+    for arm, c in sel.items():
+        out[arm] = A.choose(A.grid_order(a.tuning, arm, keys), a.selected.get("tolerance", A.REPLICATE_TOLERANCE))
+        if out[arm]["run_id"] != c["run_id"]:
+            raise ValueError(f"tuning/selected.json: {arm}'s winner {c['run_id']} is not the protocol's "
+                             f"{out[arm]['run_id']} (selected under another rule?)")
+    return out
 
 
 def budgets_display(a: Analysis, arm: str = "dbp") -> pd.DataFrame:
@@ -518,12 +533,12 @@ def _flags(a: Analysis) -> str:
                    f"{a.clock['tolerance'].iloc[0]:.1%} (half the claimed effect) on seeds "
                    f"{off['seed'].tolist()} (measured {', '.join(f'{x:.3f}' for x in off['measured'])}): "
                    "the runs' own clocks cannot confirm the step cost the headline uses.")
-    unstable = [f"{arm} ({c['run_id']})" for arm, c in (a.selected or {}).get("arms", {}).items()
-                if not c.get("from") and c.get("stable") is False]
+    choices = tuning_choices(a)
+    unstable = [f"{arm} ({c['run_id']})" for arm, c in choices.items() if not c["stable"]]
     if unstable:
         out.append(f"TUNING FLAG: no stable grid point for {', '.join(unstable)}: the winner is the "
                    "lowest mean of unstable points.")
-    close = [arm for arm, c in (a.selected or {}).get("arms", {}).items() if not c.get("from") and c.get("within_spread")]
+    close = [arm for arm, c in choices.items() if c["within_spread"]]
     if close:
         out.append(f"Tuning margin within the tuning seeds' spread for {', '.join(close)}: another "
                    "set of tuning seeds may pick another value.")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
+KERNEL_SWITCHES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
 
 def _primary(results: Path) -> pd.DataFrame:
     path = results / "speedups.csv"
@@ -31,7 +33,7 @@ def _numerics(results: Path) -> str:
         info = json.loads(path.read_text())
         if info.get("role") == "scored":
             n = info.get("provenance", {}).get("numerics", {})
-            env = " ".join(f"{k}={v}" for k, v in n.get("env", {}).items() if k != "OMP_NUM_THREADS")
+            env = " ".join(f"{k}={v}" for k, v in n.get("env", {}).items() if k in KERNEL_SWITCHES)
             return f"{n.get('cpu_capability', '?')} kernels, {n.get('threads', '?')} threads" + (f", {env}" if env else "")
     return "unknown numerics"
 
@@ -47,6 +49,8 @@ def _probe(results: Path) -> pd.Series:
     if not path.is_file():
         return pd.Series(dtype=float)
     d = pd.read_csv(path)
+    if d.empty or "vs" not in d:  # a study without a downstream stage
+        return pd.Series(dtype=float)
     d = d[(d["measure"] == "probe") & (d["vs"] == "bp")]
     return d.set_index("arm")[["mean", "lo", "hi"]].apply(tuple, axis=1) if len(d) else pd.Series(dtype=float)
 

@@ -206,7 +206,11 @@ def test_a_rate_that_moves_with_a_nudge_never_beats_a_stable_one(tmp_path, chaot
     chosen = A.select_tuned(tmp_path, ["bp"], ["pretrain.blr"], [200, 201], {}, tolerance=2e-3)
     c = chosen["arms"]["bp"]
     assert c["values"] == {"pretrain.blr": 0.004} and c["stable"]
-    assert c["margin"] == pytest.approx(sum(chaotic) / 2 - 0.4200002, abs=1e-6)  # negative: beaten on loss
+    assert c["margin"] == math.inf  # no other stable point to beat
+    if sum(chaotic) / 2 < 0.4200002:  # the chaotic rate's mean is lower: the table says so
+        assert c["unstable_lower"] == pytest.approx(sum(chaotic) / 2)
+    else:
+        assert c["unstable_lower"] is None
     table = pd.DataFrame(chosen["table"]).set_index("run_id")
     assert table.loc["bp__blr=0.016", "replicate_gap"] == pytest.approx(abs(chaotic[0] - chaotic[1]) / min(chaotic))
     assert not table.loc["bp__blr=0.016", "stable"] and table.loc["bp__blr=0.004", "stable"]

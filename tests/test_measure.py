@@ -432,6 +432,19 @@ def test_git_state_outside_a_checkout(tmp_path):
     assert git_state(tmp_path) == {"git_commit": "unknown", "git_dirty": "unknown"}
 
 
+def test_numerics_record_the_kernel_set_and_the_switches_that_chose_it():
+    """What decides a run's rounding (docs/protocol.md rule 14): ATen's kernel set follows
+    ATEN_CPU_CAPABILITY, and the switches are recorded beside it."""
+    code = ("import json; from dbp.provenance import numerics; print(json.dumps(numerics()))")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
+    n = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                  text=True, env=env, timeout=120).stdout)
+    assert n["cpu_capability"] == "DEFAULT" and n["threads"] >= 1
+    assert n["env"]["ATEN_CPU_CAPABILITY"] == "default" and n["env"]["MKL_ENABLE_INSTRUCTIONS"] == "SSE4_2"
+    assert n["mkl_version"] != "" and n["onednn"].startswith("v") and n["float32_matmul_precision"] == "highest"
+    assert "cudnn" not in n  # CPU only here; on CUDA: cuda, cudnn, tf32 and determinism flags
+
+
 def test_provenance_imports_neither_timm_nor_mmseg():
     code = ("import sys; from dbp.provenance import provenance; v = provenance(); "
             "assert not {'timm', 'mmseg', 'codecarbon'} & set(sys.modules), sorted(sys.modules); "
