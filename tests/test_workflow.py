@@ -229,7 +229,8 @@ def test_smoke_study_runs_end_to_end_and_is_then_up_to_date(tmp_path):
         ("bp", "seed0"): "scored", ("bp", "seed100"): "target", ("dbp", "seed0"): "scored",
         ("bp__steps=10", "seed0"): "scored", ("dbp__steps=10", "seed0"): "scored",
         ("bp__equal_compute_dbp", "seed0"): "downstream",
-        **{(f"{a}__blr={lr}", "seed200"): "tuning" for a in ("bp", "dbp") for lr in ("0.016", "0.032")}}
+        **{(f"{a}__blr={lr}{rep}", "seed200"): "tuning" for a in ("bp", "dbp") for lr in ("0.016", "0.032")
+           for rep in ("", "__perturb=1e-06")}}  # each trial and its numerics replicate
     selected = json.loads((results / "tuning" / "selected.json").read_text())["arms"]
     for (run_id, seed), info in runs.items():
         assert info["status"] == "finished"
@@ -238,6 +239,10 @@ def test_smoke_study_runs_end_to_end_and_is_then_up_to_date(tmp_path):
             blr = selected[info["arm"]]["values"]["pretrain.blr"]
             assert info["peak_lr"] == pytest.approx(blr * 16 / 256)
     assert runs["bp__steps=10", "seed0"]["steps_done"] == 10 and runs["bp", "seed0"]["steps_done"] == 20
+    assert runs["bp__blr=0.016__perturb=1e-06", "seed200"]["config"]["pretrain"]["perturb"] == 1e-6
+    assert runs["bp", "seed0"]["provenance"]["numerics"]["cpu_capability"] in ("AVX512", "AVX2", "DEFAULT")
+    for table in ("sensitivity", "stability", "reading"):  # protocol v3's tables, from the smoke run
+        assert (results / f"{table}.md").stat().st_size > 0
     ft = sorted((results / "finetune").glob("*/seed0/metrics.json"))
     assert [p.parts[-3] for p in ft] == ["bp", "dbp", "scratch"]
     assert all(0.0 <= json.loads(p.read_text())["mIoU"] <= 1.0 for p in ft)

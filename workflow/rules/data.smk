@@ -17,7 +17,7 @@ rule study_config:
         from dbp.records import atomic_write_text
 
         atomic_write_text(output[0], yaml.safe_dump(params.resolved, sort_keys=False))
-        atomic_write_text(output[1], params.digest + "\n")
+        atomic_write_text(output[1], f"{params.digest}\n")
 
 
 if STUDY.data.kind == "embedded":
