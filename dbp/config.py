@@ -324,6 +324,8 @@ class SweepConfig:
         _check_grid(self.grid, key, ("pretrain", "dbp"))
 
 
+# A study's name: a folder under results/ and a word on every job's command line, never code.
+STUDY_NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
 # The environment a reproduction may set for its jobs: the switches that pick CPU kernels.
 NUMERICS_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
 
@@ -343,7 +345,7 @@ class ReproduceConfig:
             _require(k in NUMERICS_ENV, f"{key}.env.{k}", f"not a numerics switch; choose from {list(NUMERICS_ENV)}")
             _require(re.fullmatch(r"[A-Za-z0-9_]+", v) is not None, f"{key}.env.{k}",
                      f"letters, digits and _ only, got {v!r}")
-        _require(self.of is None or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", self.of) is not None,
+        _require(self.of is None or re.fullmatch(STUDY_NAME, self.of) is not None,
                  f"{key}.of", f"a study name (letters, digits, _ and -), got {self.of!r}")
 
 
@@ -387,6 +389,9 @@ class StudyConfig:
 
     def validate(self, key: str = "") -> None:
         """The rules that span fields or sections (types and ranges are checked on parsing)."""
+        _require(re.fullmatch(STUDY_NAME, self.name) is not None, "name",
+                 f"letters, digits, _ and - only, starting with a letter or digit (it names "
+                 f"results/<name> and reaches every job's command line), got {self.name!r}")
         self._check_arms()
         _require("bp" in self.arms, "arms", "needs bp: the baseline sets the target")
         for sub in ("seeds", "data", "pretrain", "energy", "finetune", "tuning", "budgets", "reproduce"):

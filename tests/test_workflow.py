@@ -133,6 +133,17 @@ def test_paper_dry_run_with_fake_imagenet_and_ade20k(tmp_path):
                     "equal_compute": 1, "probe": 6, "finetune": 7 * 3, "summarize": 1, "figures": 1}
 
 
+@pytest.mark.parametrize("name", ["x$(touch pwned)", "two words", "../..", "/abs/path", "a;b", ""])
+def test_a_study_name_is_data_never_code(tmp_path, name):
+    """Issue 24: the name became results/<name> and went unquoted into every job's shell
+    command; now one line names the rule and nothing runs or is written."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": name}))
+    out = _snakemake(tmp_path, "-n", "--configfile", _config("default.yaml"), str(bad), check=False)
+    assert out.returncode != 0 and "config error: name: letters, digits, _ and - only" in out.stdout + out.stderr
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "results").exists()
+
+
 @pytest.mark.parametrize("override,message", [
     ({"pretrain": {"bach_size": 3}}, "pretrain.bach_size: unknown key (known: accum_steps, amp,"),
     ({"data": {"fraction": 1.5}}, "data.fraction: must be in (0, 1]"),
