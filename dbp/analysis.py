@@ -11,6 +11,7 @@ time, load) into each run's records. Conventions:
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -70,11 +71,30 @@ def _read_json(path: Path, keys: Iterable[str], seed: int) -> dict:
     return obj
 
 
-def _read_metrics_csv(path: Path) -> pd.DataFrame:
+def read_whole_csv(path: Path) -> pd.DataFrame:
+    """A CSV record, checked whole before it is read: it ends with a newline and every line has
+    the header's number of fields, so a file cut inside a row (a killed writer, a full disk, a
+    partial copy) is named in one line instead of read as a shorter valid record."""
     try:
-        df = pd.read_csv(path)
-    except (OSError, ValueError) as e:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a readable CSV file ({e})") from e
+    lines = text.splitlines()
+    if not lines or not text.endswith("\n"):
+        raise ValueError(f"{path}: truncated (no header, or the last row is cut off)")
+    width = lines[0].count(",")
+    short = [i + 1 for i, line in enumerate(lines) if line.count(",") != width]
+    if short:
+        raise ValueError(f"{path}: truncated or malformed: line {short[0]} has "
+                         f"{lines[short[0] - 1].count(',') + 1} fields, the header {width + 1}")
+    try:
+        return pd.read_csv(io.StringIO(text))
+    except ValueError as e:
+        raise ValueError(f"{path}: not a readable CSV file ({e})") from e
+
+
+def _read_metrics_csv(path: Path) -> pd.DataFrame:
+    df = read_whole_csv(path)
     missing = [c for c in METRICS if c not in df.columns]
     if missing or df.empty:
         raise ValueError(f"{path}: {'missing columns ' + str(missing) if missing else 'no rows'}")
@@ -378,7 +398,7 @@ def arm_step_seconds(seg: pd.DataFrame, cost: pd.DataFrame | None = None,
 def load_step_cost(results_dir: str | Path) -> pd.DataFrame:
     """The interleaved step-cost records (one row per turn); empty if the study has none."""
     path = Path(results_dir) / STEPCOST
-    return pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    return read_whole_csv(path) if path.is_file() else pd.DataFrame()
 
 
 def _kept_turns(rounds: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:

@@ -59,6 +59,7 @@ class Analysis:
     hardware: str
     level: float
     stray: list[str]            # run folders the study's config does not declare: left out
+    missing: list[str]          # runs the study's config declares that have no folder
 
     @property
     def strict(self) -> pd.DataFrame:
@@ -86,7 +87,7 @@ class Analysis:
 
 def analyze(results_dir: str | Path, study: str, *, level: float = 0.95) -> Analysis:
     """Load results/<study> (`results_dir`) and compute every table of the report."""
-    runs, stray = _declared(A.load_runs(results_dir), Path(results_dir) / "config.yaml")
+    runs, stray, missing = _declared(A.load_runs(results_dir), Path(results_dir) / "config.yaml")
     if runs.empty:
         raise ValueError(f"{results_dir}: no pre-training runs")
     curves, finetune, probe = A.load_pretrain(results_dir, runs), A.load_finetune(results_dir), \
@@ -123,21 +124,23 @@ def analyze(results_dir: str | Path, study: str, *, level: float = 0.95) -> Anal
         sweep=A.tuning_table(runs, curves, role="sweep"), selected=selected or None,
         miou=_differences(finetune, level), probe=probe, probe_diffs=_differences(probe, level),
         encoder_seconds=A.pretrain_seconds(runs, step_sec), arms=arms, hardware=_hardware(runs),
-        level=level, stray=stray)
+        level=level, stray=stray, missing=missing)
 
 
-def _declared(runs: pd.DataFrame, config: Path) -> tuple[pd.DataFrame, list[str]]:
-    """The runs the study's resolved config (results/<study>/config.yaml) declares, and the
-    folders it does not (left by an earlier config: never read as this study's). Without the
+def _declared(runs: pd.DataFrame, config: Path) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """The runs the study's resolved config (results/<study>/config.yaml) declares, the folders
+    it does not (left by an earlier config: never read as this study's), and the declared runs
+    that have no folder (deleted or never run: listed, as unfinished runs are). Without the
     file, every run."""
-    if not config.is_file() or runs.empty:
-        return runs, []
+    if not config.is_file():
+        return runs, [], []
     from dbp.config import load_config
     from dbp.jobs import study_runs
     declared = {(r.run_id, s) for r in study_runs(load_config(config)).values() for s in r.seeds}
-    keep = [(r, s) in declared for r, s in runs[["run_id", "seed"]].itertuples(index=False)]
-    stray = runs[[not k for k in keep]]
-    return runs[keep], [f"{r}/seed{s}" for r, s in stray[["run_id", "seed"]].itertuples(index=False)]
+    present = set(runs[["run_id", "seed"]].itertuples(index=False, name=None)) if len(runs) else set()
+    keep = [k in declared for k in runs[["run_id", "seed"]].itertuples(index=False, name=None)]
+    name = lambda keys: [f"{r}/seed{s}" for r, s in sorted(keys)]  # noqa: E731
+    return runs[keep] if len(runs) else runs, name(present - declared), name(declared - present)
 
 
 def _differences(downstream: pd.DataFrame, level: float) -> pd.DataFrame:
@@ -553,6 +556,10 @@ def _flags(a: Analysis) -> str:
     if a.stray:
         out.append(f"Left out {len(a.stray)} run folders that the study's config does not declare "
                    f"(an earlier config's): {', '.join(a.stray[:6])}{' ...' if len(a.stray) > 6 else ''}.")
+    if a.missing:
+        out.append(f"MISSING RUNS: {len(a.missing)} runs the study declares have no records (not "
+                   f"scored, as unfinished runs are not): {', '.join(a.missing[:8])}"
+                   f"{' ...' if len(a.missing) > 8 else ''}.")
     open_runs = A.unfinished(a.runs)
     if len(open_runs):
         out.append("Unfinished runs (not scored): " + ", ".join(

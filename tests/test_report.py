@@ -256,3 +256,39 @@ def test_committed_reference_study_regenerates_its_tables_and_the_readme(tmp_pat
     runs = [json.loads(p.read_text()) for p in (committed / "pretrain").glob("*/seed*/run.json")]
     assert runs and all(r["status"] == "finished" and not r["provenance"]["git_dirty"] for r in runs)
     assert {r["role"] for r in runs} == {"target", "tuning", "scored", "downstream"}
+
+
+def _records(tmp_path) -> Path:
+    """A copy of the committed study's records (not its tables, not weights)."""
+    committed = REPO / "results" / "default"
+    copy = tmp_path / "default"
+    shutil.copytree(committed, copy, ignore=lambda d, names: [
+        n for n in names if (Path(d) == committed and n.endswith((".md", ".tex", ".csv", ".html")))
+        or n.endswith((".pt", ".pth")) or n in ("logs", "export", "benchmarks")])
+    return copy
+
+
+@pytest.mark.parametrize("record", ["pretrain/dbp/seed3/metrics.csv", "stepcost/rounds.csv"])
+def test_a_truncated_record_is_named_never_read(tmp_path, record):
+    """Issue 24: a metrics.csv cut inside its last row, or a step-cost record cut in half, was
+    read as valid and moved the speed-up with exit 0. Now the summary stops, naming the file."""
+    copy = _records(tmp_path)
+    path = copy / record
+    text = path.read_text()
+    path.write_text(text[: text.index("\n", len(text) // 2) - 3])  # cut inside a row
+    out = subprocess.run([sys.executable, "-m", "dbp", "summarize", "--results", str(copy)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [f"dbp summarize: {path}: truncated (no header, or the last row is cut off)"]
+    assert not (copy / "headline.md").exists()  # no tables from it
+
+
+def test_a_deleted_scored_run_is_named(tmp_path):
+    copy = _records(tmp_path)
+    shutil.rmtree(copy / "pretrain" / "dbp" / "seed3")
+    a = R.analyze(copy, "default")
+    assert a.missing == ["dbp/seed3"] and a.stray == []
+    # seed 3's budget curve keeps its 40- and 120-step runs; the flag names what it lacks
+    assert sorted(a.budgets.query("arm == 'dbp' and seed == 3")["planned_steps"]) == [40, 120]
+    assert "MISSING RUNS: 1 runs the study declares have no records (not scored, as unfinished runs " \
+           "are not): dbp/seed3." in R._flags(a)
