@@ -276,6 +276,13 @@ def test_smoke_study_runs_end_to_end_and_is_then_up_to_date(tmp_path):
             "downstream.png"} <= set(pngs)
     again = _snakemake(tmp_path, "--configfile", _config("smoke.yaml"))
     assert "Nothing to be done" in again.stdout + again.stderr
+    # issue 24: the same environment through another interpreter path re-runs nothing (the
+    # path used to be a rule parameter, and a changed parameter re-ran the whole study)
+    other = Path(sys.executable).with_name("python3" if Path(sys.executable).name != "python3" else "python")
+    again = subprocess.run([str(other), "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+                            "--directory", str(tmp_path), "--cores", "2", "--configfile", _config("smoke.yaml")],
+                           capture_output=True, text=True)
+    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]
     before = (results / "headline.md").stat().st_mtime_ns
     _snakemake(tmp_path, "tables", "--configfile", _config("smoke.yaml"))
     assert (results / "headline.md").stat().st_mtime_ns > before  # re-made from the results only

@@ -2,6 +2,7 @@
 # config file every job reads, and how a job is launched.
 import hashlib
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -23,11 +24,18 @@ MANIFEST = f"{RESULTS}/manifests/pretrain_seed{{seed}}.txt"  # a seed's train su
 # The tuning winners per arm, written by `select`, read by every target-setting and scored run.
 SELECTED = f"{RESULTS}/tuning/selected.json" if STUDY.tuning.enabled else None
 ENV = "../envs/dbp.yaml"  # the jobs' software under --use-conda
+# The Python of every job's `dbp` command, handed to the shell line as $DBP_PYTHON (quoted
+# there): in the environment, never a rule parameter, so running Snakemake through another
+# path to the same environment (python -m snakemake) re-runs nothing, and a path with a space
+# stays one word. A job on `params.gpus` GPUs starts as "$DBP_PYTHON" -m dbp gpus N -- dbp ...:
+# `dbp gpus` gives it its own devices on a workstation and, for more than one GPU, torchrun
+# (DDP) inside the one job. Every job re-parses this file (SLURM too), so it is always set.
+# (Set here, for the jobs: not variables the user must provide, so no `envvars:` directive.)
 if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
-    PYTHON = f"env PYTHONPATH={workflow.basedir} python"  # the env's Python, this checkout's dbp
+    os.environ.update(DBP_PYTHON="python",  # the env's Python, this checkout's dbp
+                      PYTHONPATH=os.pathsep.join(filter(None, (workflow.basedir, os.getenv("PYTHONPATH")))))
 else:
-    PYTHON = sys.executable  # the Python running Snakemake (the venv): no PATH needed
-DBP = f"{PYTHON} -m dbp"
+    os.environ.update(DBP_PYTHON=sys.executable)  # the Python running Snakemake (the venv)
 # Threads of a training job: every core of a local run (one job at a time, clocks do not
 # compete); on a cluster (no --cores) the profile's cpus_per_task decides, and the shell
 # command takes SLURM's allocation.
@@ -38,16 +46,9 @@ TRAIN_THREADS = workflow.resource_settings.cores or 1
 GPUS_PER_JOB = 0
 
 
-def launch(gpus):
-    """Command prefix for a dbp job on `gpus` GPUs (the job's resource value): `dbp gpus`
-    gives the job its own devices on a workstation and, when the job runs, starts one plain
-    process or, for more than one GPU, torchrun (DDP) inside the one job."""
-    return f"{DBP} gpus {gpus} -- dbp"
-
-
 # The command of every pre-training job (pretrain.smk): the study's runs by id, in one process.
 PRETRAIN_SHELL = (
-    "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} {params.launch} pretrain-runs --config {input.config} "
+    "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} \"$DBP_PYTHON\" -m dbp gpus {params.gpus} -- dbp pretrain-runs --config {input.config} "
     "--seed {params.seeds} --manifest {params.manifest} --results {params.results} {params.tuned} "
     "{params.steps_from} {params.runs} > {log} 2>&1"
 )

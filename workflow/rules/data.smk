@@ -26,14 +26,13 @@ if STUDY.data.kind == "embedded":
         output:
             directory(STUDY.data.root),
         params:
-            dbp=DBP,
             seed=STUDY.data.embedded_seed,
         log:
             f"{RESULTS}/logs/embedded_data.log",
         conda:
             ENV
         shell:
-            "{params.dbp} data make --root {output} --seed {params.seed} > {log} 2>&1"
+            "\"$DBP_PYTHON\" -m dbp data make --root {output} --seed {params.seed} > {log} 2>&1"
 
 
 rule subset_manifest:
@@ -42,8 +41,6 @@ rule subset_manifest:
         config=STUDY_CONFIG,
     output:
         MANIFEST,
-    params:
-        dbp=DBP,
     log:
         f"{RESULTS}/logs/manifests/pretrain_seed{{seed}}.log",
     wildcard_constraints:
@@ -51,7 +48,7 @@ rule subset_manifest:
     conda:
         ENV
     shell:
-        "{params.dbp} data subset --config {input.config} --seed {wildcards.seed} --out {output} > {log} 2>&1"
+        "\"$DBP_PYTHON\" -m dbp data subset --config {input.config} --seed {wildcards.seed} --out {output} > {log} 2>&1"
 
 
 rule data:

@@ -12,7 +12,7 @@ rule finetune:
     params:
         out=lambda w, output: Path(output.metrics).parent,
         encoder=lambda w, input: Path(input.encoder).parent if input.encoder else "none",
-        launch=lambda w, resources: launch(resources.gpu),
+        gpus=lambda w, resources: resources.gpu,
     log:
         f"{RESULTS}/logs/finetune/{{arm}}/seed{{seed}}.log",
     benchmark:
@@ -28,7 +28,7 @@ rule finetune:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} {params.launch} finetune "
+        "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} \"$DBP_PYTHON\" -m dbp gpus {params.gpus} -- dbp finetune "
         "--config {input.config} --pretrained {params.encoder} --seed {wildcards.seed} "
         "--out {params.out} > {log} 2>&1"
 

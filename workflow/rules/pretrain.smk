@@ -20,7 +20,7 @@ rule pretrain:
         metrics=f"{RESULTS}/pretrain/{{run}}/seed{{seed}}/metrics.csv",
     params:
         results=results_of,
-        launch=lambda w, resources: launch(resources.gpu),
+        gpus=lambda w, resources: resources.gpu,
         seeds=lambda w: w.seed,
         manifest=manifest_template,
         runs=lambda w: w.run,
@@ -62,7 +62,7 @@ for job in grouped_jobs(STUDY):
             metrics=[f"{RESULTS}/pretrain/{r}/seed{s}/metrics.csv" for s in seeds for r in job.ids],
         params:
             results=results_of,
-            launch=lambda w, resources: launch(resources.gpu),
+            gpus=lambda w, resources: resources.gpu,
             seeds=lambda w, seeds=job.seeds: w.get("seed") or " ".join(map(str, seeds)),
             manifest=manifest_template,
             runs=" ".join(job.ids),

@@ -12,7 +12,6 @@ rule equal_compute:
     output:
         f"{RESULTS}/equal_compute/{{arm}}.json",
     params:
-        dbp=DBP,
         results=lambda w, output: Path(output[0]).parents[1],
     log:
         f"{RESULTS}/logs/equal_compute/{{arm}}.log",
@@ -21,7 +20,7 @@ rule equal_compute:
     conda:
         ENV
     shell:
-        "{params.dbp} equal-compute --config {input.config} --results {params.results} "
+        "\"$DBP_PYTHON\" -m dbp equal-compute --config {input.config} --results {params.results} "
         "--arm {wildcards.arm} --out {output} > {log} 2>&1"
 
 
@@ -33,7 +32,7 @@ rule probe:
     output:
         [f"{RESULTS}/probe/{a}/seed{{seed}}/metrics.json" for a in probe_arms(STUDY)],
     params:
-        launch=lambda w, resources: launch(min(resources.gpu, 1)),
+        gpus=lambda w, resources: min(resources.gpu, 1),
         out=lambda w, output: Path(output[0]).parents[2],
         encoders=lambda w: " ".join(f"--encoder {a}={probe_encoders(w.seed).get(a, 'none')}"
                                     for a in probe_arms(STUDY)),
@@ -51,7 +50,7 @@ rule probe:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} {params.launch} probe --config {input.config} "
+        "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} \"$DBP_PYTHON\" -m dbp gpus {params.gpus} -- dbp probe --config {input.config} "
         "--seed {wildcards.seed} {params.encoders} --out {params.out} > {log} 2>&1"
 
 

@@ -22,7 +22,6 @@ rule summarize:
         f"{RESULTS}/speedups.csv",
         *[report_table(name) for name in REPORT_TABLES],
     params:
-        dbp=DBP,
         results=lambda w, output: Path(output[0]).parent,
         study=STUDY.name,
     log:
@@ -30,7 +29,7 @@ rule summarize:
     conda:
         ENV
     shell:
-        "{params.dbp} summarize --results {params.results} --study {params.study} > {log} 2>&1"
+        "\"$DBP_PYTHON\" -m dbp summarize --results {params.results} --study {params.study} > {log} 2>&1"
 
 
 rule figures:
@@ -40,7 +39,6 @@ rule figures:
         report(directory(f"paper_figures/{STUDY.name}"), patterns=["{figure}.png"],
                caption="../report/figures.rst", category="Figures"),
     params:
-        dbp=DBP,
         results=lambda w, input: Path(input[0]).parent,
         study=STUDY.name,
     log:
@@ -48,12 +46,11 @@ rule figures:
     conda:
         ENV
     shell:
-        "{params.dbp} figures --results {params.results} --study {params.study} --out {output} > {log} 2>&1"
+        "\"$DBP_PYTHON\" -m dbp figures --results {params.results} --study {params.study} --out {output} > {log} 2>&1"
 
 
 rule tables:
     params:
-        dbp=DBP,
         results=RESULTS,
         study=STUDY.name,
     log:
@@ -61,8 +58,8 @@ rule tables:
     conda:
         ENV
     shell:
-        "({params.dbp} summarize --results {params.results} --study {params.study} && "
-        "{params.dbp} figures --results {params.results} --study {params.study}) > {log} 2>&1"
+        "(\"$DBP_PYTHON\" -m dbp summarize --results {params.results} --study {params.study} && "
+        "\"$DBP_PYTHON\" -m dbp figures --results {params.results} --study {params.study}) > {log} 2>&1"
 
 
 if STUDY.reproduce.of:
@@ -75,7 +72,6 @@ if STUDY.reproduce.of:
         output:
             f"{RESULTS}/reproduce.md",
         params:
-            dbp=DBP,
             reference=f"results/{STUDY.reproduce.of}",
             results=RESULTS,
         log:
@@ -83,5 +79,5 @@ if STUDY.reproduce.of:
         conda:
             ENV
         shell:
-            "{params.dbp} reproduce --reference {params.reference} --results {params.results} "
+            "\"$DBP_PYTHON\" -m dbp reproduce --reference {params.reference} --results {params.results} "
             "--out {output} > {log} 2>&1"

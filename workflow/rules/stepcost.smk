@@ -12,7 +12,7 @@ rule stepcost:
     output:
         f"{RESULTS}/{STEPCOST}",
     params:
-        launch=lambda w, resources: launch(min(resources.gpu, 1)),
+        gpus=lambda w, resources: min(resources.gpu, 1),
         seed=STUDY.seeds.scored[0],
     log:
         f"{RESULTS}/logs/stepcost.log",
@@ -26,5 +26,5 @@ rule stepcost:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} {params.launch} stepcost --config {input.config} "
+        "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} \"$DBP_PYTHON\" -m dbp gpus {params.gpus} -- dbp stepcost --config {input.config} "
         "--seed {params.seed} --manifest {input.manifest} --out {output} > {log} 2>&1"

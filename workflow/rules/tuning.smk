@@ -12,11 +12,10 @@ if SELECTED:
         output:
             SELECTED,
         params:
-            dbp=DBP,
             results=lambda w, output: Path(output[0]).parents[1],
         log:
             f"{RESULTS}/logs/select.log",
         conda:
             ENV
         shell:
-            "{params.dbp} select --config {input.config} --results {params.results} --out {output} > {log} 2>&1"
+            "\"$DBP_PYTHON\" -m dbp select --config {input.config} --results {params.results} --out {output} > {log} 2>&1"
