@@ -326,8 +326,10 @@ class SweepConfig:
 
 # A study's name: a folder under results/ and a word on every job's command line, never code.
 STUDY_NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
-# The environment a reproduction may set for its jobs: the switches that pick CPU kernels.
-NUMERICS_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
+# The switches that pick CPU kernels (ATen's, MKL's, oneDNN's), and the environment a
+# reproduction may set for its jobs: those and the thread count.
+KERNEL_SWITCHES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+NUMERICS_ENV = (*KERNEL_SWITCHES, "OMP_NUM_THREADS")
 
 
 @_section

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from dbp.config import NUMERICS_ENV
+
 _PACKAGES = {"torch": ("torch",), "torchvision": ("torchvision",), "timm": ("timm",),
              "mmseg": ("mmsegmentation",), "mmengine": ("mmengine",),
              "mmcv": ("mmcv", "mmcv-lite"), "codecarbon": ("codecarbon",), "numpy": ("numpy",)}
@@ -84,8 +86,7 @@ def numerics() -> dict[str, Any]:
         "mkl": torch.backends.mkl.is_available(), "mkldnn": torch.backends.mkldnn.is_available(),
         **_build_line("onednn", r"MKL-DNN (v[\d.]+)"), **_build_line("mkl_version", r"Math Kernel Library Version ([\d.]+)"),
         **_build_line("blas", r"BLAS_INFO=([^,]+)"),
-        "env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
-                                           "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE",
+        "env": {k: os.environ[k] for k in (*NUMERICS_ENV, "MKL_NUM_THREADS", "OPENBLAS_CORETYPE",
                                            "CUBLAS_WORKSPACE_CONFIG") if k in os.environ},
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),

@@ -11,6 +11,7 @@ import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,14 @@ from dbp.arms import REGISTRY
 from dbp.records import atomic_write_text
 
 PAPER = {"seconds": "21.1 %", "mIoU": "+1.1"}
-README_START, README_END = "<!-- headline:start -->", "<!-- headline:end -->"
+
+
+def readme_markers(block: str) -> tuple[str, str]:
+    """The README's start and end markers around a generated block."""
+    return f"<!-- {block}:start -->", f"<!-- {block}:end -->"
+
+
+README_START, README_END = readme_markers("headline")
 README_TABLES = ("headline", "sensitivity", "stability", "arms", "downstream")
 
 
@@ -75,6 +83,22 @@ class Analysis:
         r = s[(s["arm"] == arm) & (s["reading"] == reading) & (s["relax"] == relax)] if len(s) else s
         return r.iloc[0].to_dict() if len(r) else None
 
+    @cached_property
+    def choices(self) -> dict[str, dict]:
+        """Each tuned arm's winner as the protocol picks it from the tuning table (A.choose), so
+        the report shows the rule's margins whatever version of `dbp select` wrote the study's
+        selection; a winner that differs from the selection's is an error."""
+        sel = {arm: c for arm, c in (self.selected or {}).get("arms", {}).items() if not c.get("from")}
+        keys = (self.selected or {}).get("keys", [])
+        out = {}
+        for arm, c in sel.items():
+            out[arm] = A.choose(A.grid_order(self.tuning, arm, keys),
+                                self.selected.get("tolerance", A.REPLICATE_TOLERANCE))
+            if out[arm]["run_id"] != c["run_id"]:
+                raise ValueError(f"tuning/selected.json: {arm}'s winner {c['run_id']} is not the protocol's "
+                                 f"{out[arm]['run_id']} (selected under another rule?)")
+        return out
+
     @property
     def seeds(self) -> list[int]:
         return sorted(self.runs.loc[self.runs["role"] == "scored", "seed"].unique().tolist())
@@ -105,9 +129,7 @@ def analyze(results_dir: str | Path, study: str, *, level: float = 0.95) -> Anal
     others = [a for a in arms if a != A.BASELINE]
     bc = A.budget_curves(done, curves, step_sec)
     targets = A.relaxed_targets(target)
-    speedups = pd.concat([SP.speedups(bc, t, rounds, ratio, others, level,
-                                      readings=SP.SENSITIVITY if r == 0 else SP.SENSITIVITY[:1]).assign(relax=r)
-                          for r, t in targets.items()], ignore_index=True)
+    speedups = SP.speedups(bc, targets, rounds, ratio, others, level)
     head = speedups[(speedups["arm"] == "dbp") & (speedups["reading"] == "primary")] if len(speedups) else speedups
     sel_path = Path(results_dir) / "tuning" / "selected.json"
     selected = json.loads(sel_path.read_text()) if sel_path.is_file() else {}
@@ -230,10 +252,10 @@ def _speedup_row(label: str, r, paper: str) -> dict:
             "Exact paired test": f"p = {r['p_value']:.3g} (sign-flip)"}
 
 
-def _budget_row(a: Analysis, arm: str, relax: float = 0.0, reading: str = "primary") -> dict:
+def _budget_row(a: Analysis, arm: str, relax: float = 0.0) -> dict:
     """Time to target read off each seed's budget curve (fully decayed runs), paired: the
     primary row, beside the paper's wall-clock figure (docs/protocol.md rules 8, 9, 11)."""
-    r = a.speedup(arm, reading, relax)
+    r = a.speedup(arm, relax=relax)
     if r is None:
         return {"Quantity": PRIMARY, "Ours [interval]": "n/a (no budget ladder)", "Reduction": "–",
                 "Paper": PAPER["seconds"], "Seeds": "0", "Exact paired test": "–"}
@@ -426,7 +448,7 @@ def tuning_display(a: Analysis, table: pd.DataFrame) -> pd.DataFrame:
     """Every grid point (or sweep point): its values, seeds and trials, mean final validation
     loss, seed spread, numerics-replicate gap, spikes and stability; the winner per arm is
     marked with its margin to the runner-up (flagged when inside the seed spread)."""
-    winners = {c["run_id"]: c for c in tuning_choices(a).values()}
+    winners = {c["run_id"]: c for c in a.choices.values()}
     keys = {c: c.removeprefix(A.SWEEP) for c in A.sweep_columns(table) if table[c].notna().any()}
     out = table[["run_id", "arm", *keys]].rename(columns={"run_id": "Run", "arm": "Arm", **keys})
 
@@ -447,21 +469,6 @@ def tuning_display(a: Analysis, table: pd.DataFrame) -> pd.DataFrame:
         "Spikes (worst)": [f"{n} ({_pct(w)})" for n, w in zip(table["spikes"], table["worst_spike"])],
         "Stable": ["yes" if s else "no" for s in table["stable"]],
         "Selected": [selected(r) for r in table["run_id"]]})
-
-
-def tuning_choices(a: Analysis) -> dict[str, dict]:
-    """Each tuned arm's winner as the protocol picks it from the tuning table (A.choose), so
-    the report shows the rule's margins whatever version of `dbp select` wrote the study's
-    selection; a winner that differs from the selection's is an error."""
-    sel = {arm: c for arm, c in (a.selected or {}).get("arms", {}).items() if not c.get("from")}
-    keys = (a.selected or {}).get("keys", [])
-    out = {}
-    for arm, c in sel.items():
-        out[arm] = A.choose(A.grid_order(a.tuning, arm, keys), a.selected.get("tolerance", A.REPLICATE_TOLERANCE))
-        if out[arm]["run_id"] != c["run_id"]:
-            raise ValueError(f"tuning/selected.json: {arm}'s winner {c['run_id']} is not the protocol's "
-                             f"{out[arm]['run_id']} (selected under another rule?)")
-    return out
 
 
 def budgets_display(a: Analysis, arm: str = "dbp") -> pd.DataFrame:
@@ -536,12 +543,11 @@ def _flags(a: Analysis) -> str:
                    f"{a.clock['tolerance'].iloc[0]:.1%} (half the claimed effect) on seeds "
                    f"{off['seed'].tolist()} (measured {', '.join(f'{x:.3f}' for x in off['measured'])}): "
                    "the runs' own clocks cannot confirm the step cost the headline uses.")
-    choices = tuning_choices(a)
-    unstable = [f"{arm} ({c['run_id']})" for arm, c in choices.items() if not c["stable"]]
+    unstable = [f"{arm} ({c['run_id']})" for arm, c in a.choices.items() if not c["stable"]]
     if unstable:
         out.append(f"TUNING FLAG: no stable grid point for {', '.join(unstable)}: the winner is the "
                    "lowest mean of unstable points.")
-    close = [arm for arm, c in choices.items() if c["within_spread"]]
+    close = [arm for arm, c in a.choices.items() if c["within_spread"]]
     if close:
         out.append(f"Tuning margin within the tuning seeds' spread for {', '.join(close)}: another "
                    "set of tuning seeds may pick another value.")
@@ -781,7 +787,7 @@ def reading(a: Analysis, arm: str = "dbp") -> str:
 def update_readme(readme: str | Path, block_md: str, block: str = "headline") -> None:
     """Replace the text between the README's `<!-- {block}:start -->` and `:end -->` markers
     by `block_md`."""
-    start, end = f"<!-- {block}:start -->", f"<!-- {block}:end -->"
+    start, end = readme_markers(block)
     text = Path(readme).read_text()
     if start not in text or end not in text:
         raise ValueError(f"{readme}: no {start} ... {end} block to fill")

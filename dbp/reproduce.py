@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-KERNEL_SWITCHES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+from dbp.config import KERNEL_SWITCHES
 
 
 def _primary(results: Path) -> pd.DataFrame:

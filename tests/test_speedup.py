@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dbp import analysis as A
 from dbp import speedup as SP
 
 
@@ -127,7 +128,7 @@ def test_step_cost_draws_resample_the_kept_rounds():
     rounds = pd.DataFrame({"round": np.repeat(range(40), 2), "arm": ["bp", "dbp"] * 40, "steps": 1,
                            "wall_seconds": np.ravel([[1.0, 1.2 + 0.01 * (i % 5)] for i in range(40)]),
                            "cpu_seconds": np.ravel([[2.0, 2.4] for _ in range(40)]), "threads": 2})
-    d = SP.step_cost_draws(rounds, "dbp", n=500)
+    d = SP.step_cost_draws(A.kept_rounds(rounds), "dbp", n=500)
     assert d.shape == (500,) and np.all((d >= math.log(1.2)) & (d <= math.log(1.24)))
     assert np.median(d) == pytest.approx(math.log(1.22), abs=0.011)
-    assert SP.step_cost_draws(rounds, "cadamw").size == 0
+    assert SP.step_cost_draws(A.kept_rounds(rounds), "cadamw").size == 0
