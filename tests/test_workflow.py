@@ -2,6 +2,7 @@
 lint is clean, the schema matches the typed config, and the smoke study runs end to end."""
 import json
 import re
+import shlex
 import subprocess
 import sys
 import zipfile
@@ -142,6 +143,29 @@ def test_a_study_name_is_data_never_code(tmp_path, name):
     out = _snakemake(tmp_path, "-n", "--configfile", _config("default.yaml"), str(bad), check=False)
     assert out.returncode != 0 and "config error: name: letters, digits, _ and - only" in out.stdout + out.stderr
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "results").exists()
+
+
+def test_a_data_root_is_one_word_in_every_shell_command(tmp_path):
+    """Issue 24: paths went unquoted into the jobs' shell lines, so a data root with a space
+    broke every job and one with $(...) ran it. Now every path is one quoted word: the dry
+    run's commands split back into the same path, and the data job really writes there."""
+    root = tmp_path / "my data $(touch pwned);x"
+    paths = tmp_path / "paths.yaml"
+    paths.write_text(yaml.safe_dump({"data": {"root": str(root)}, "finetune": {"root": str(root)}}))
+    conf = ["--configfile", _config("default.yaml"), str(paths)]
+    text = _snakemake(tmp_path, "-n", "-p", *conf).stdout
+    commands = [line.split("Shell command:")[-1].strip() for line in text.splitlines()
+                if '"$DBP_PYTHON" -m dbp' in line]
+    assert len(commands) == 39  # every job of the study but its config (a run: block)
+    for cmd in commands:
+        words = shlex.split(cmd)
+        assert ";x" not in " ".join(w for w in words if str(root) not in w), cmd
+    make = next(shlex.split(c) for c in commands if " data make " in c)
+    assert make[make.index("--root") + 1] == str(root)
+    manifest = Path("results", "default", "manifests", "pretrain_seed0.txt")
+    _snakemake(tmp_path, *conf, "--", str(manifest))
+    assert (root / "imagenet" / "train").is_dir() and (tmp_path / manifest).read_text().count("\n") > 10
+    assert not list(tmp_path.rglob("pwned"))
 
 
 @pytest.mark.parametrize("override,message", [

@@ -48,16 +48,17 @@ GPUS_PER_JOB = 0
 
 # The command of every pre-training job (pretrain.smk): the study's runs by id, in one process.
 PRETRAIN_SHELL = (
-    "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} \"$DBP_PYTHON\" -m dbp gpus {params.gpus} -- dbp pretrain-runs --config {input.config} "
-    "--seed {params.seeds} --manifest {params.manifest} --results {params.results} {params.tuned} "
-    "{params.steps_from} {params.runs} > {log} 2>&1"
+    "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} \"$DBP_PYTHON\" -m dbp gpus {params.gpus} -- dbp pretrain-runs --config {input.config:q} "
+    "--seed {params.seeds:q} --manifest {params.manifest:q} --results {params.results:q} {params.tuned:q} "
+    "{params.steps_from:q} {params.runs:q} > {log:q} 2>&1"
 )
 
 
 def manifest_template(w):
     """--manifest of `dbp pretrain-runs`: the pattern itself, {seed} filled in by the command
-    for each of its seeds (a function, so Snakemake leaves the braces alone)."""
-    return f"'{MANIFEST}'"
+    for each of its seeds (a function, so Snakemake leaves the braces alone; quoted in the
+    shell line like every path)."""
+    return MANIFEST
 
 
 def results_of(w, output):

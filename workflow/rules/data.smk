@@ -32,7 +32,7 @@ if STUDY.data.kind == "embedded":
         conda:
             ENV
         shell:
-            "\"$DBP_PYTHON\" -m dbp data make --root {output} --seed {params.seed} > {log} 2>&1"
+            "\"$DBP_PYTHON\" -m dbp data make --root {output:q} --seed {params.seed:q} > {log:q} 2>&1"
 
 
 rule subset_manifest:
@@ -48,7 +48,7 @@ rule subset_manifest:
     conda:
         ENV
     shell:
-        "\"$DBP_PYTHON\" -m dbp data subset --config {input.config} --seed {wildcards.seed} --out {output} > {log} 2>&1"
+        "\"$DBP_PYTHON\" -m dbp data subset --config {input.config:q} --seed {wildcards.seed:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule data:

@@ -29,8 +29,8 @@ rule finetune:
         ENV
     shell:
         "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} \"$DBP_PYTHON\" -m dbp gpus {params.gpus} -- dbp finetune "
-        "--config {input.config} --pretrained {params.encoder} --seed {wildcards.seed} "
-        "--out {params.out} > {log} 2>&1"
+        "--config {input.config:q} --pretrained {params.encoder:q} --seed {wildcards.seed:q} "
+        "--out {params.out:q} > {log:q} 2>&1"
 
 
 rule finetune_all:

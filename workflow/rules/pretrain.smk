@@ -24,8 +24,8 @@ rule pretrain:
         seeds=lambda w: w.seed,
         manifest=manifest_template,
         runs=lambda w: w.run,
-        tuned=lambda w, input: f"--tuned {input.selected}" if input.selected else "",
-        steps_from=lambda w, input: f"--steps-from {input.steps}" if input.steps else "",
+        tuned=lambda w, input: ["--tuned", *input.selected] if input.selected else [],
+        steps_from=lambda w, input: ["--steps-from", *input.steps] if input.steps else [],
     log:
         f"{RESULTS}/logs/pretrain/{{run}}/seed{{seed}}.log",
     benchmark:
@@ -63,11 +63,11 @@ for job in grouped_jobs(STUDY):
         params:
             results=results_of,
             gpus=lambda w, resources: resources.gpu,
-            seeds=lambda w, seeds=job.seeds: w.get("seed") or " ".join(map(str, seeds)),
+            seeds=lambda w, seeds=job.seeds: [w.get("seed")] if w.get("seed") else list(map(str, seeds)),
             manifest=manifest_template,
-            runs=" ".join(job.ids),
-            tuned=lambda w, input: f"--tuned {input.selected}" if input.selected else "",
-            steps_from=lambda w, input: f"--steps-from {input.steps}" if input.steps else "",
+            runs=list(job.ids),
+            tuned=lambda w, input: ["--tuned", *input.selected] if input.selected else [],
+            steps_from=lambda w, input: ["--steps-from", *input.steps] if input.steps else [],
         log:
             f"{RESULTS}/logs/pretrain_{job.kind}/seed{seed or 's'}.log",
         benchmark:

@@ -20,8 +20,8 @@ rule equal_compute:
     conda:
         ENV
     shell:
-        "\"$DBP_PYTHON\" -m dbp equal-compute --config {input.config} --results {params.results} "
-        "--arm {wildcards.arm} --out {output} > {log} 2>&1"
+        "\"$DBP_PYTHON\" -m dbp equal-compute --config {input.config:q} --results {params.results:q} "
+        "--arm {wildcards.arm:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule probe:
@@ -34,8 +34,8 @@ rule probe:
     params:
         gpus=lambda w, resources: min(resources.gpu, 1),
         out=lambda w, output: Path(output[0]).parents[2],
-        encoders=lambda w: " ".join(f"--encoder {a}={probe_encoders(w.seed).get(a, 'none')}"
-                                    for a in probe_arms(STUDY)),
+        encoders=lambda w: [word for a in probe_arms(STUDY)
+                            for word in ("--encoder", f"{a}={probe_encoders(w.seed).get(a, 'none')}")],
     log:
         f"{RESULTS}/logs/probe/seed{{seed}}.log",
     benchmark:
@@ -50,8 +50,8 @@ rule probe:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} \"$DBP_PYTHON\" -m dbp gpus {params.gpus} -- dbp probe --config {input.config} "
-        "--seed {wildcards.seed} {params.encoders} --out {params.out} > {log} 2>&1"
+        "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} \"$DBP_PYTHON\" -m dbp gpus {params.gpus} -- dbp probe --config {input.config:q} "
+        "--seed {wildcards.seed:q} {params.encoders:q} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule probe_all:

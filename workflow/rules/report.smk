@@ -29,7 +29,7 @@ rule summarize:
     conda:
         ENV
     shell:
-        "\"$DBP_PYTHON\" -m dbp summarize --results {params.results} --study {params.study} > {log} 2>&1"
+        "\"$DBP_PYTHON\" -m dbp summarize --results {params.results:q} --study {params.study:q} > {log:q} 2>&1"
 
 
 rule figures:
@@ -46,7 +46,7 @@ rule figures:
     conda:
         ENV
     shell:
-        "\"$DBP_PYTHON\" -m dbp figures --results {params.results} --study {params.study} --out {output} > {log} 2>&1"
+        "\"$DBP_PYTHON\" -m dbp figures --results {params.results:q} --study {params.study:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule tables:
@@ -58,8 +58,8 @@ rule tables:
     conda:
         ENV
     shell:
-        "(\"$DBP_PYTHON\" -m dbp summarize --results {params.results} --study {params.study} && "
-        "\"$DBP_PYTHON\" -m dbp figures --results {params.results} --study {params.study}) > {log} 2>&1"
+        "(\"$DBP_PYTHON\" -m dbp summarize --results {params.results:q} --study {params.study:q} && "
+        "\"$DBP_PYTHON\" -m dbp figures --results {params.results:q} --study {params.study:q}) > {log:q} 2>&1"
 
 
 if STUDY.reproduce.of:
@@ -79,5 +79,5 @@ if STUDY.reproduce.of:
         conda:
             ENV
         shell:
-            "\"$DBP_PYTHON\" -m dbp reproduce --reference {params.reference} --results {params.results} "
-            "--out {output} > {log} 2>&1"
+            "\"$DBP_PYTHON\" -m dbp reproduce --reference {params.reference:q} --results {params.results:q} "
+            "--out {output:q} > {log:q} 2>&1"

@@ -26,5 +26,5 @@ rule stepcost:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} \"$DBP_PYTHON\" -m dbp gpus {params.gpus} -- dbp stepcost --config {input.config} "
-        "--seed {params.seed} --manifest {input.manifest} --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} \"$DBP_PYTHON\" -m dbp gpus {params.gpus} -- dbp stepcost --config {input.config:q} "
+        "--seed {params.seed:q} --manifest {input.manifest:q} --out {output:q} > {log:q} 2>&1"

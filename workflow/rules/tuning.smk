@@ -18,4 +18,4 @@ if SELECTED:
         conda:
             ENV
         shell:
-            "\"$DBP_PYTHON\" -m dbp select --config {input.config} --results {params.results} --out {output} > {log} 2>&1"
+            "\"$DBP_PYTHON\" -m dbp select --config {input.config:q} --results {params.results:q} --out {output:q} > {log:q} 2>&1"
