@@ -11,6 +11,7 @@ time, load) into each run's records. Conventions:
 """
 from __future__ import annotations
 
+import csv
 import io
 import json
 import math
@@ -57,8 +58,8 @@ def _seed_dirs(root: Path) -> list[tuple[str, int, Path]]:
     return sorted(found, key=lambda t: t[:2])
 
 
-def _read_json(path: Path, keys: Iterable[str], seed: int) -> dict:
-    """The JSON object at `path`, checked for `keys` and for the seed of its folder."""
+def read_json(path: Path, keys: Iterable[str], seed: int | None = None) -> dict:
+    """The JSON object at `path`, checked for `keys` and (given) for the seed of its folder."""
     try:
         obj = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -66,7 +67,7 @@ def _read_json(path: Path, keys: Iterable[str], seed: int) -> dict:
     missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
     if missing:
         raise ValueError(f"{path}: missing keys {missing}")
-    if obj.get("seed", seed) != seed:
+    if seed is not None and obj.get("seed", seed) != seed:
         raise ValueError(f"{path}: seed {obj['seed']} but folder seed{seed}")
     return obj
 
@@ -79,14 +80,13 @@ def read_whole_csv(path: Path) -> pd.DataFrame:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a readable CSV file ({e})") from e
-    lines = text.splitlines()
-    if not lines or not text.endswith("\n"):
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows or not text.endswith("\n"):
         raise ValueError(f"{path}: truncated (no header, or the last row is cut off)")
-    width = lines[0].count(",")
-    short = [i + 1 for i, line in enumerate(lines) if line.count(",") != width]
+    short = [i + 1 for i, row in enumerate(rows) if len(row) != len(rows[0])]
     if short:
-        raise ValueError(f"{path}: truncated or malformed: line {short[0]} has "
-                         f"{lines[short[0] - 1].count(',') + 1} fields, the header {width + 1}")
+        raise ValueError(f"{path}: truncated or malformed: row {short[0]} has "
+                         f"{len(rows[short[0] - 1])} fields, the header {len(rows[0])}")
     try:
         return pd.read_csv(io.StringIO(text))
     except ValueError as e:
@@ -124,7 +124,7 @@ def load_runs(results_dir: str | Path) -> pd.DataFrame:
     """One row per pre-training run under `results_dir`/pretrain (from run.json)."""
     rows = []
     for run_id, seed, d in _seed_dirs(Path(results_dir) / "pretrain"):
-        info = _read_json(d / "run.json", ["arm", "seed", "status"], seed)
+        info = read_json(d / "run.json", ["arm", "seed", "status"], seed)
         prov, cfg = info.get("provenance", {}), info.get("config") or {}
         rows.append({
             "run_id": run_id, "arm": info["arm"], "seed": seed, "role": info.get("role", "adhoc"),
@@ -159,7 +159,7 @@ def _load_downstream(results_dir: str | Path, stage: str, metrics: list[str]) ->
     or scratch), `arm` the method that trained it."""
     rows = []
     for run_id, seed, d in _seed_dirs(Path(results_dir) / stage):
-        m = _read_json(d / "metrics.json", [*metrics, "per_class_iou"], seed)
+        m = read_json(d / "metrics.json", [*metrics, "per_class_iou"], seed)
         rows.append({"run_id": run_id, "arm": m.get("arm", run_id.split("__")[0]), "seed": seed,
                      **{k: m[k] for k in metrics},
                      **{IOU + k: v for k, v in m["per_class_iou"].items()}})

@@ -132,7 +132,7 @@ def analyze(results_dir: str | Path, study: str, *, level: float = 0.95) -> Anal
     speedups = SP.speedups(bc, targets, rounds, ratio, others, level)
     head = speedups[(speedups["arm"] == "dbp") & (speedups["reading"] == "primary")] if len(speedups) else speedups
     sel_path = Path(results_dir) / "tuning" / "selected.json"
-    selected = json.loads(sel_path.read_text()) if sel_path.is_file() else {}
+    selected = A.read_json(sel_path, ["arms"]) if sel_path.is_file() else {}
     return Analysis(
         study=study, runs=runs, curves=curves, finetune=finetune, target=target, n_target=n_target,
         segments=seg, step_cost=cost, step_sec=step_sec, ttt=ttt,
@@ -152,17 +152,23 @@ def analyze(results_dir: str | Path, study: str, *, level: float = 0.95) -> Anal
 def _declared(runs: pd.DataFrame, config: Path) -> tuple[pd.DataFrame, list[str], list[str]]:
     """The runs the study's resolved config (results/<study>/config.yaml) declares, the folders
     it does not (left by an earlier config: never read as this study's), and the declared runs
-    that have no folder (deleted or never run: listed, as unfinished runs are). Without the
-    file, every run."""
+    that have no record (deleted or never run: listed, as unfinished runs are): pre-training
+    runs by folder, fine-tunes and probes by their metrics.json. Without the file, every run."""
     if not config.is_file():
         return runs, [], []
     from dbp.config import load_config
+    from dbp.downstream import probe_arms, probe_seeds
     from dbp.jobs import study_runs
-    declared = {(r.run_id, s) for r in study_runs(load_config(config)).values() for s in r.seeds}
+    cfg = load_config(config)
+    declared = {(r.run_id, s) for r in study_runs(cfg).values() for s in r.seeds}
     present = set(runs[["run_id", "seed"]].itertuples(index=False, name=None)) if len(runs) else set()
     keep = [k in declared for k in runs[["run_id", "seed"]].itertuples(index=False, name=None)]
     name = lambda keys: [f"{r}/seed{s}" for r, s in sorted(keys)]  # noqa: E731
-    return runs[keep] if len(runs) else runs, name(present - declared), name(declared - present)
+    downstream = [f"{stage}/{a}/seed{s}" for stage, arms, seeds in
+                  (("finetune", cfg.finetune_arms(), cfg.finetune_seeds()),
+                   ("probe", probe_arms(cfg), probe_seeds(cfg))) for a in arms for s in seeds
+                  if not (config.parent / stage / a / f"seed{s}" / "metrics.json").is_file()]
+    return runs[keep] if len(runs) else runs, name(present - declared), name(declared - present) + downstream
 
 
 def _differences(downstream: pd.DataFrame, level: float) -> pd.DataFrame:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from dbp.analysis import read_json, read_whole_csv
 from dbp.config import KERNEL_SWITCHES
 
 
@@ -17,20 +18,20 @@ def _primary(results: Path) -> pd.DataFrame:
     path = results / "speedups.csv"
     if not path.is_file():
         raise ValueError(f"{path}: missing (run `dbp summarize --results {results}` first)")
-    s = pd.read_csv(path)
+    s = read_whole_csv(path)
     return s[(s["reading"] == "primary") & (s["relax"] == 0)].set_index("arm")
 
 
 def _winners(results: Path) -> dict[str, str]:
     path = results / "tuning" / "selected.json"
-    arms = json.loads(path.read_text())["arms"] if path.is_file() else {}
+    arms = read_json(path, ["arms"])["arms"] if path.is_file() else {}
     return {a: json.dumps(c["values"], sort_keys=True) for a, c in arms.items() if not c.get("from")}
 
 
 def _numerics(results: Path) -> str:
     """The kernel set and threads a study's scored runs ran with (from one run.json)."""
     for path in sorted((results / "pretrain").glob("*/seed*/run.json")):
-        info = json.loads(path.read_text())
+        info = read_json(path, ["role"])
         if info.get("role") == "scored":
             n = info.get("provenance", {}).get("numerics", {})
             env = " ".join(f"{k}={v}" for k, v in n.get("env", {}).items() if k in KERNEL_SWITCHES)
@@ -48,7 +49,7 @@ def _probe(results: Path) -> pd.Series:
     path = results / "downstream.csv"
     if not path.is_file():
         return pd.Series(dtype=float)
-    d = pd.read_csv(path)
+    d = read_whole_csv(path)
     if d.empty or "vs" not in d:  # a study without a downstream stage
         return pd.Series(dtype=float)
     d = d[(d["measure"] == "probe") & (d["vs"] == "bp")]

@@ -292,3 +292,42 @@ def test_a_deleted_scored_run_is_named(tmp_path):
     assert sorted(a.budgets.query("arm == 'dbp' and seed == 3")["planned_steps"]) == [40, 120]
     assert "MISSING RUNS: 1 runs the study declares have no records (not scored, as unfinished runs " \
            "are not): dbp/seed3." in R._flags(a)
+
+
+@pytest.mark.parametrize("record,what", [("pretrain/bp/seed0/run.json", "not a readable JSON file"),
+                                         ("probe/dbp/seed1/metrics.json", "not a readable JSON file"),
+                                         ("tuning/selected.json", "not a readable JSON file")])
+def test_a_truncated_json_record_is_named_never_read(tmp_path, record, what):
+    """Issue 24, every record the summary reads: a JSON file cut short stops it in one line."""
+    copy = _records(tmp_path)
+    path = copy / record
+    path.write_text(path.read_text()[:200])
+    out = subprocess.run([sys.executable, "-m", "dbp", "summarize", "--results", str(copy)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith(f"dbp summarize: {path}: {what}")
+    assert not (copy / "headline.md").exists()
+
+
+def test_deleted_downstream_records_are_named(tmp_path):
+    """A fine-tune or probe the study declares but that left no metrics.json is named, as a
+    missing pre-training run is, instead of silently shrinking the downstream table."""
+    copy = _records(tmp_path)
+    shutil.rmtree(copy / "probe" / "cadamw" / "seed2")
+    shutil.rmtree(copy / "finetune" / "scratch" / "seed0")
+    a = R.analyze(copy, "default")
+    assert a.missing == ["finetune/scratch/seed0", "probe/cadamw/seed2"]
+    assert sorted(a.probe.query("run_id == 'cadamw'")["seed"]) == [0, 1, 3, 4, 5]
+    assert "MISSING RUNS: 2 runs" in R._flags(a)
+
+
+def test_reproduce_names_a_truncated_record(tmp_path):
+    copy = _records(tmp_path)
+    R.write_report(copy, "default")
+    table = copy / "speedups.csv"
+    table.write_text(table.read_text()[:300])
+    out = subprocess.run([sys.executable, "-m", "dbp", "reproduce", "--reference", str(copy),
+                          "--results", str(copy)], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [f"dbp reproduce: {table}: truncated (no header, or the last row is cut off)"]
