@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from dbp.config import ConfigError
 from dbp.subset import ade_pair, list_ade_stems
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -151,6 +152,51 @@ class ImageFolderDataset(Dataset):
         if rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return normalise(img), index
+
+
+class DataError(ConfigError):
+    """A data file that fails its check: the message names the file(s), one line each."""
+
+
+IGNORE_LABEL = 255  # ADE's raw annotations: 0 unlabelled, 1..K the classes, 255 ignored
+
+
+def annotation_problem(img_path: Path, ann_path: Path, num_classes: int) -> str | None:
+    """What is wrong with one image/annotation pair, or None: the annotation must be one
+    channel of 8-bit labels, the image's size, with values in 0..num_classes or 255. Reads the
+    image's header only and one pass over the label values."""
+    try:
+        with Image.open(img_path) as im:
+            size = im.size
+    except _DECODE_ERRORS as e:
+        return f"{img_path}: unreadable image ({e})"
+    try:
+        with Image.open(ann_path) as an:
+            if an.mode not in ("L", "P"):
+                return f"{ann_path}: {an.mode} annotation, not single-channel 8-bit labels (mode L or P)"
+            if an.size != size:
+                return f"{ann_path}: annotation {an.size[0]}x{an.size[1]}, image {size[0]}x{size[1]}"
+            counts = np.bincount(np.asarray(an).ravel(), minlength=256)
+    except _DECODE_ERRORS as e:
+        return f"{ann_path}: unreadable annotation ({e})"
+    bad = [int(v) for v in np.flatnonzero(counts) if num_classes < v != IGNORE_LABEL]
+    if bad:
+        return (f"{ann_path}: labels {bad[:5]} outside 0..{num_classes} (the class list) and "
+                f"{IGNORE_LABEL} (ignore)")
+    return None
+
+
+def check_pairs(root: str | Path, train_stems: Sequence[str]) -> None:
+    """A downstream run's data, checked before it trains: its training pairs and the whole
+    validation split (what fine-tuning and the probe evaluate on). DataError with one line
+    per bad file, so a wrong label is never silently left out of mIoU or met mid-run."""
+    classes = len(read_class_names(root))
+    pairs = [ade_pair(root, split, s) for split, stems in
+             (("training", train_stems), ("validation", list_ade_stems(root, "validation"))) for s in stems]
+    problems = [p for p in (annotation_problem(img, ann, classes) for img, ann in pairs) if p]
+    if problems:
+        raise DataError(f"{len(problems)} of {len(pairs)} annotations under {root} fail their "
+                        f"check:\n" + "\n".join(problems))
 
 
 def read_class_names(ade_root: str | Path) -> list[str]:

@@ -37,7 +37,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from dbp.config import ProbeConfig
-from dbp.datasets import ADESegDataset, normalise, read_class_names
+from dbp.datasets import ADESegDataset, check_pairs, normalise, read_class_names
 from dbp.export import build_backbone
 from dbp.presets import PRESETS
 from dbp.provenance import provenance
@@ -77,6 +77,7 @@ def load_probe_data(data_root: str | Path, settings: ProbeConfig, model_name: st
     ade = Path(data_root)
     stems = spread_sample(list_ade_stems(ade, "training"), settings.train_images, seed=0)
     side = settings.tiles * PRESETS[model_name]["img_size"]
+    check_pairs(ade, stems)
     return ProbeData(load_split(ade, "training", stems, side), load_split(ade, "validation", None, side),
                      read_class_names(ade),
                      {"data_root": str(ade.resolve()), "train_stems_hash": manifest_hash(stems)})

@@ -41,7 +41,7 @@ from mmseg.evaluation import IoUMetric
 from mmseg.registry import METRICS
 from mmseg.utils import register_all_modules
 
-from dbp.datasets import read_class_names
+from dbp.datasets import check_pairs, read_class_names
 from dbp.embedded import ADE, make_embedded
 from dbp.export import check_export, read_export
 from dbp.clock import Clock
@@ -285,6 +285,7 @@ def finetune(out_dir: str | Path, *, recipe: SegPreset, pretrained: str | Path |
     pre = pretrained_info(Path(pretrained) if pretrained is not None else None, model_name)
     out.mkdir(parents=True, exist_ok=True)
     stems = _train_stems(ade, out, fraction, seed, manifest)
+    check_pairs(ade, stems)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     on_gpu = torch.cuda.is_available()
     cfg = build_seg_config(recipe, work_dir=out, ade_root=ade, classes=read_class_names(ade),

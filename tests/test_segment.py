@@ -317,3 +317,43 @@ def test_cli_finetune_reports_a_missing_export(ade, tmp_path):
         main(["finetune", "--set", "finetune.kind=ade20k", "--set", f"finetune.root={ade}",
               "--pretrained", str(tmp_path / "missing.pth"), "--seed", "0",
               "--out", str(tmp_path / "run")])
+
+
+def _break_labels(ade, tmp_path):
+    """A copy of the ADE fixture with three bad annotations: another size, a label above the
+    class count, RGB; the paths of the three."""
+    import shutil
+
+    from PIL import Image
+    bad = tmp_path / "ade"
+    shutil.copytree(ade, bad)
+    train, val = list_ade_stems(bad, "training"), list_ade_stems(bad, "validation")
+    paths = [bad / "annotations" / "training" / f"{train[0]}.png",
+             bad / "annotations" / "training" / f"{train[-1]}.png",
+             bad / "annotations" / "validation" / f"{val[0]}.png"]
+    Image.new("L", (7, 5)).save(paths[0])
+    label = np.asarray(Image.open(paths[1])).copy()
+    label[0, 0] = len(read_class_names(bad)) + 1
+    Image.fromarray(label).save(paths[1])
+    Image.open(paths[2]).convert("RGB").save(paths[2])
+    return bad, paths
+
+
+@pytest.mark.parametrize("command", ["finetune", "probe"])
+def test_bad_labels_are_named_before_any_training(ade, tmp_path, command):
+    """Issue 24: an annotation of another size was used silently, a label above the class
+    count left out of mIoU. Now every pair is checked first: one line per bad file, no run."""
+    bad, paths = _break_labels(ade, tmp_path)
+    args = (["--pretrained", "none"] if command == "finetune"
+            else ["--encoder", "scratch=none", "--set", "probe.train_images=8"])
+    out = subprocess.run([sys.executable, "-m", "dbp", command, "--set", "finetune.kind=ade20k",
+                          "--set", f"finetune.root={bad}", *args, "--seed", "0",
+                          "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    n_classes = len(read_class_names(bad))
+    assert lines[1:] == [f"{paths[0]}: annotation 7x5, image 32x32",
+                         f"{paths[1]}: labels [{n_classes + 1}] outside 0..{n_classes} (the class list) and 255 (ignore)",
+                         f"{paths[2]}: RGB annotation, not single-channel 8-bit labels (mode L or P)"]
+    assert lines[0] == f"dbp {command}: 3 of 10 annotations under {bad} fail their check:"
+    assert not list((tmp_path / "run").rglob("metrics.json")) and not list((tmp_path / "run").rglob("run.json"))
