@@ -16,10 +16,13 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from dbp.interrupt import STOP_SIGNALS
 
 
 def device_count() -> int:
@@ -34,7 +37,8 @@ def device_count() -> int:
 def claim(n: int, total: int, lock_dir: Path, poll: float = 2.0) -> tuple[list[int], list]:
     """Block until n of `total` devices are free; return their ids and the held locks."""
     if n > total:
-        raise RuntimeError(f"job needs {n} GPUs but this machine has {total}")
+        raise RuntimeError(f"the job needs {n} GPU(s) but this machine has {total} (nvidia-smi); "
+                           f"run it with --set-resources RULE:gpu={total}, or on a GPU machine")
     lock_dir.mkdir(parents=True, exist_ok=True)
     while True:
         held = []
@@ -68,11 +72,24 @@ def run_on_gpus(n: int, cmd: list[str], lock_dir: Path = Path("/tmp/dbp-gpu-lock
     if cmd[:1] == ["dbp"]:
         cmd = dbp_launcher(n) + cmd[1:]
     if n == 0 or "CUDA_VISIBLE_DEVICES" in os.environ:
-        return subprocess.call(cmd)
+        return call_forwarding(cmd)
     ids, locks = claim(n, device_count(), lock_dir)
     try:
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, ids))}
-        return subprocess.call(cmd, env=env)
+        return call_forwarding(cmd, {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, ids))})
     finally:
         for f in locks:
             f.close()
+
+
+def call_forwarding(cmd: list[str], env: dict[str, str] | None = None) -> int:
+    """Run `cmd` and wait for it, passing SIGTERM and SIGINT on to it (a training run saves
+    and stops; dbp.interrupt) instead of dying and leaving it running on, orphaned. The exit
+    code is the command's, 128 + N for a command killed by signal N (as a shell says)."""
+    child = subprocess.Popen(cmd, env=env)
+    old = {s: signal.signal(s, lambda signum, _: child.send_signal(signum)) for s in STOP_SIGNALS}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    return code if code >= 0 else 128 - code

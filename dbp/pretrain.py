@@ -11,6 +11,7 @@ over (docs/protocol.md, rule 12).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -32,6 +33,7 @@ from dbp.config import DataConfig, DBPConfig, EnergyConfig, PretrainConfig, Stud
 from dbp.data import TrainData, prepare_pretrain_data
 from dbp.clock import Clock
 from dbp.energy import EnergyMeter, NvmlEnergy, summed_over_ranks
+from dbp.interrupt import Interrupted, RunLock, StopSignals, ignore_stop_signals
 from dbp.learner import Learner, setup_device
 from dbp.model import fixed_mask_noise, mask_noise, step_macs
 from dbp.correlation import InputCorrelationProbe
@@ -78,8 +80,8 @@ def micro_batches(data: TrainData, seed: int, start: int, batch: int, rank: int,
         batches = [order[(b * world + rank) * batch:(b * world + rank + 1) * batch].tolist()
                    for b in range(pos, per_epoch)]
         data.train.set_epoch(epoch, seed)
-        loader = DataLoader(data.train, batch_sampler=batches, num_workers=workers,
-                            pin_memory=pin, persistent_workers=False)
+        loader = DataLoader(data.train, batch_sampler=batches, num_workers=workers, pin_memory=pin,
+                            persistent_workers=False, worker_init_fn=ignore_stop_signals)
         for imgs, _ in loader:
             gen = torch.Generator().manual_seed(_seed_int(seed, m, rank))
             yield imgs, mask_noise(imgs.shape[0], num_patches, gen)
@@ -207,9 +209,11 @@ class RunState:
     def __init__(self, learner: Learner, clock: Clock, meter: EnergyMeter, gpu: NvmlEnergy | None):
         self.learner, self.clock, self.meter, self.gpu = learner, clock, meter, gpu
         self.step, self.rows, self.resumed_from = 0, [], []
+        self.partial: dict | None = None  # a segment cut by a stop signal: its loss and start clocks
 
     def state_dict(self) -> dict:
         return {"step": self.step, "rows": self.rows, "resumed_from": self.resumed_from,
+                "partial": self.partial,
                 **self.learner.state_dict(), "clock": self.clock.state_dict(),
                 "energy": self.meter.state_dict(), "gpu_energy": self.gpu.state_dict() if self.gpu else None,
                 "torch_rng": torch.get_rng_state()}
@@ -221,7 +225,7 @@ class RunState:
         if self.gpu is not None and state.get("gpu_energy"):
             self.gpu.load_state_dict(state["gpu_energy"])
         torch.set_rng_state(state["torch_rng"])
-        self.step, self.rows = state["step"], state["rows"]
+        self.step, self.rows, self.partial = state["step"], state["rows"], state.get("partial")
         self.resumed_from = state.get("resumed_from", []) + [self.step]
 
     def row(self, train_loss: float, ev: dict[str, float], segment: dict[str, float],
@@ -245,13 +249,18 @@ def pretrain(spec: RunSpec) -> dict:
 
     Timed training segments alternate with validation, which the clock excludes, on the
     `eval_every` schedule every arm shares; a checkpoint follows every `checkpoint_every`
-    steps and the last one. Killed at any point, the same call resumes from the checkpoint.
+    steps and the last one. Killed at any point, the same call resumes from the checkpoint;
+    stopped by SIGTERM or SIGINT, it saves after the step in progress and raises Interrupted.
+    One process at a time works in a run folder (RunLock, held by the lead rank).
     """
-    out, cfg = spec.out, spec.pretrain
     device, rank, world = setup_device()
+    with RunLock(spec.out) if rank == 0 else contextlib.nullcontext():
+        return _pretrain(spec, device, rank, world)
+
+
+def _pretrain(spec: RunSpec, device: torch.device, rank: int, world: int) -> dict:
+    out, cfg = spec.out, spec.pretrain
     lead = rank == 0
-    if lead:
-        out.mkdir(parents=True, exist_ok=True)
     learner = Learner(cfg, get_arm(spec.arm), spec.dbp, spec.seed, device, world)  # same init, any arm
     model, batch = learner.model, learner.effective_batch
     data = _data(spec, model.patch_embed.img_size[0], out / "train_manifest.txt" if lead else None)
@@ -285,45 +294,72 @@ def pretrain(spec: RunSpec) -> dict:
     stream = micro_batches(data, spec.seed, run.step * cfg.accum_steps, learner.batch_size, rank, world,
                            spec.data.num_workers, device.type == "cuda", model.num_patches)
     bar = _progress(cfg.steps, run.step, lead, f"{spec.arm}/seed{spec.seed}")
-    status = "finished"
-    while run.step < cfg.steps:
-        seg_end = min(cfg.steps, (run.step // cfg.eval_every + 1) * cfg.eval_every)
-        seg_loss, seg_steps = torch.zeros((), device=device), seg_end - run.step
-        t0, cpu0 = clock.train_seconds, clock.cpu_seconds
-        with clock.train():
-            for _ in range(seg_steps):
-                learner.set_lr(learning_rate(run.step, learner.peak_lr, cfg.warmup_steps, cfg.steps, cfg.min_lr))
-                seg_loss += learner.step([next(stream) for _ in range(cfg.accum_steps)])
-                run.step += 1
-                bar.update(1)
-        train_loss = float(seg_loss) / seg_steps
-        row = record(train_loss, _segment_stats(seg_steps * batch, clock.train_seconds - t0,
-                                                clock.cpu_seconds - cpu0))
-        bar.set_postfix(loss=f"{row['val_loss']:.4f}", img_s=f"{row['images_per_second']:.0f}")
-        if not (math.isfinite(train_loss) and math.isfinite(row["val_loss"])):
-            status, info["diverged_at_step"] = "diverged", run.step
-            break
-        if lead and (run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps):
+
+    def save() -> None:
+        if lead:
             with clock.excluded("checkpoint"):
                 atomic_torch_save({**run.state_dict(), "run_digest": digest}, out / "checkpoint.pt")
-    bar.close()
 
-    # ---- final outputs (rank 0), re-written also by a run resumed at its last step
-    if world > 1 and learner.driver is not None:
-        info["r_identical_across_ranks"] = _r_identical_across_ranks(learner.driver, world)
-    info.update(status=status, steps_done=run.step, train_seconds=clock.train_seconds,
-                cpu_seconds=clock.cpu_seconds, excluded_seconds=clock.excluded_seconds,
-                energy={**meter.totals(), "measured_kwh": run.rows[-1]["measured_kwh"],
-                        "measured_method": f"{gpu.name}, summed over {world} rank(s)" if gpu else None},
-                skipped_images=data.train.skipped)
-    if lead:
-        if status == "finished":
-            atomic_torch_save(_final(spec, learner, run.step, digest), out / "final.pt")
-        atomic_write_text(out / "metrics.csv", _csv(run.rows))
-        atomic_write_json(out / "run.json", info)
+    def close(status: str) -> None:  # the records, re-written also by a run resumed at its last step
+        bar.close()
+        if world > 1 and learner.driver is not None:
+            info["r_identical_across_ranks"] = _r_identical_across_ranks(learner.driver, world)
+        info.update(status=status, steps_done=run.step, train_seconds=clock.train_seconds,
+                    cpu_seconds=clock.cpu_seconds, excluded_seconds=clock.excluded_seconds,
+                    energy={**meter.totals(), "measured_kwh": run.rows[-1]["measured_kwh"],
+                            "measured_method": f"{gpu.name}, summed over {world} rank(s)" if gpu else None},
+                    skipped_images=data.train.skipped)
+        if lead:
+            if status == "finished":
+                atomic_torch_save(_final(spec, learner, run.step, digest), out / "final.pt")
+            atomic_write_text(out / "metrics.csv", _csv(run.rows))
+            atomic_write_json(out / "run.json", info)
+
+    status = "finished"
+    with StopSignals() as stop:
+        while run.step < cfg.steps:
+            seg_start = run.step // cfg.eval_every * cfg.eval_every  # a resumed segment started before
+            seg_end = min(cfg.steps, seg_start + cfg.eval_every)
+            part = run.partial or {"loss_sum": 0.0, "train_seconds": clock.train_seconds,
+                                   "cpu_seconds": clock.cpu_seconds}
+            seg_loss = torch.tensor(part["loss_sum"], device=device)
+            with clock.train():
+                while run.step < seg_end and not (signum := _stop_requested(stop, device, world)):
+                    learner.set_lr(learning_rate(run.step, learner.peak_lr, cfg.warmup_steps, cfg.steps, cfg.min_lr))
+                    seg_loss += learner.step([next(stream) for _ in range(cfg.accum_steps)])
+                    run.step += 1
+                    bar.update(1)
+            if signum:  # between two steps: save them and stop (module dbp.interrupt)
+                run.partial = {**part, "loss_sum": float(seg_loss)}
+                save()
+                info["interrupted_at_step"] = run.step
+                close("interrupted")
+                raise Interrupted(signum, str(out))
+            run.partial = None
+            train_loss = float(seg_loss) / (seg_end - seg_start)
+            row = record(train_loss, _segment_stats((seg_end - seg_start) * batch,
+                                                    clock.train_seconds - part["train_seconds"],
+                                                    clock.cpu_seconds - part["cpu_seconds"]))
+            bar.set_postfix(loss=f"{row['val_loss']:.4f}", img_s=f"{row['images_per_second']:.0f}")
+            if not (math.isfinite(train_loss) and math.isfinite(row["val_loss"])):
+                status, info["diverged_at_step"] = "diverged", run.step
+                break
+            if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
+                save()
+    close(status)
     _say(lead, f"{spec.arm}/seed{spec.seed}: {status} at step {run.step}, val_loss "
                f"{run.rows[-1]['val_loss']:.4f}, train {clock.train_seconds:.1f}s")
     return info
+
+
+def _stop_requested(stop: StopSignals, device: torch.device, world: int) -> int:
+    """The signal that asked this run to stop (0: none); under DDP the ranks agree on it
+    before every step, so that all of them stop after the same one."""
+    if world == 1:
+        return stop.signum or 0
+    flag = torch.tensor(stop.signum or 0, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag)
 
 
 def _data(spec: RunSpec, image_size: int, manifest_out: Path | None) -> TrainData:

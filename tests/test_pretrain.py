@@ -2,15 +2,18 @@
 import csv
 import json
 import math
-
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from dbp.config import load_config
 from dbp.embedded import make_embedded
+from dbp.interrupt import Interrupted
 from dbp.learner import Learner
 from dbp.pretrain import COLUMNS, RunSpec, learning_rate, pretrain
 
@@ -261,3 +264,67 @@ def test_pretrain_runs_names_a_bad_run_in_one_line(imagenet, tmp_path, args, mes
         main(argv)
     assert str(e.value.code) == f"dbp pretrain-runs: config error: {message}"
     assert not (tmp_path / "pretrain").exists()  # checked before any run started
+
+
+def _signalled_in_step(monkeypatch, step, signum=signal.SIGTERM):
+    """Send this process `signum` while it takes step `step` (1-based), as SLURM would."""
+    real, done = Learner.step, []
+
+    def stepped(self, micro):
+        done.append(1)
+        if len(done) == step:
+            os.kill(os.getpid(), signum)
+        return real(self, micro)
+    monkeypatch.setattr(Learner, "step", stepped)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_after_the_step_and_resumes_exactly(imagenet, tmp_path, monkeypatch, signum):
+    """Issue 24: SIGTERM ended a run at once, without a checkpoint, run.json left "running".
+    Now the step in progress finishes (mid-segment: eval every 2 steps, the signal in step 3),
+    the run saves, marks itself interrupted and exits 128 + N; re-run, it ends as an unbroken run."""
+    cfg = _cfg(imagenet)
+    _run(cfg, "dbp", tmp_path / "whole")
+    with monkeypatch.context() as m, pytest.raises(Interrupted) as stop:
+        _signalled_in_step(m, 3, signum)
+        _run(cfg, "dbp", tmp_path / "cut")
+    assert stop.value.code == 128 + signum
+    info = json.loads((tmp_path / "cut" / "run.json").read_text())
+    assert info["status"] == "interrupted" and info["interrupted_at_step"] == info["steps_done"] == 3
+    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 3 and ckpt["partial"]["loss_sum"] > 0
+    assert [r["step"] for r in _rows(tmp_path / "cut")] == [0, 2]
+    assert signal.getsignal(signum) is not None and not (tmp_path / "cut" / "final.pt").exists()
+    info = _run(cfg, "dbp", tmp_path / "cut")
+    assert info["status"] == "finished" and info["resumed_from"] == [3]
+    _same_non_time(_rows(tmp_path / "whole"), _rows(tmp_path / "cut"))
+
+
+def test_sigterm_to_the_gpus_wrapper_reaches_the_run_and_a_second_process_is_refused(imagenet, tmp_path):
+    """Issue 24: SIGTERM to `dbp gpus` left the training process running on, orphaned; two
+    processes on one run folder both wrote. Now the wrapper passes the signal on and waits,
+    the run saves and exits 143, and a second process stops at once naming the first's PID."""
+    out = tmp_path / "run"
+    sets = [a for kv in ["data.kind=imagenet", f"data.root={imagenet}", "data.num_workers=1",
+                         "pretrain.batch_size=8", "pretrain.steps=2000", "pretrain.eval_every=1000",
+                         "energy.enabled=false"] for a in ("--set", kv)]
+    cmd = [sys.executable, "-m", "dbp", "gpus", "0", "--", "dbp", "pretrain", *sets, "--arm", "bp",
+           "--seed", "0", "--out", str(out)]
+    wrapper = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.csv").exists() and time.time() < deadline:  # step 0 evaluated
+        time.sleep(0.2)
+    time.sleep(1.0)  # a few steps in
+    child = int((out / ".lock").read_text())
+    second = subprocess.run([sys.executable, "-m", *cmd[6:]], capture_output=True, text=True, timeout=120)
+    assert second.returncode == 1 and second.stderr.strip().splitlines() == [
+        f"dbp pretrain: {out}: another process (PID {child}) is running in this folder; wait for it or stop it"]
+    wrapper.send_signal(signal.SIGTERM)
+    _, err = wrapper.communicate(timeout=120)
+    assert wrapper.returncode == 143 and "Traceback" not in err
+    assert f"dbp pretrain: {out}: stopped by SIGTERM, state saved" in err
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # no orphan
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "interrupted" and 0 < info["steps_done"] < 1000
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == info["steps_done"]

@@ -216,6 +216,8 @@ def test_slurm_profile_gives_pretrain_and_finetune_gpus():
     assert all(prof["set-resources"][r]["gpu"] >= 1 for r in ("pretrain", "pretrain_scored", "pretrain_trials", "pretrain_target",
                                                               "pretrain_downstream"))
     assert prof["set-resources"]["finetune"]["gpu"] >= 1
+    # a training job is told 5 minutes before its time limit, to save (dbp.interrupt)
+    assert prof["default-resources"]["slurm_extra"] == "'--signal=TERM@300'"
 
 
 def test_dbp_gpus_chooses_the_launcher_when_the_job_runs(tmp_path):
