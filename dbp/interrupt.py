@@ -41,8 +41,11 @@ class StopSignals:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._old: dict[int, object] = {}
+        self._pid = os.getpid()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:  # a forked loader worker inherited the handler: not its to act on
+            return
         if self.signum is None:
             print(f"[stop] {signal.Signals(signum).name}: finishing the step, then saving",
                   file=sys.stderr, flush=True)
@@ -58,6 +61,17 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for s, handler in self._old.items():
             signal.signal(s, handler)
+
+    def agreed(self, device, world: int) -> int:
+        """The signal that asked the run to stop (0: none). Under DDP (`world` > 1) the ranks
+        agree on it before every step, so that all of them stop after the same one."""
+        if world == 1:
+            return self.signum or 0
+        import torch
+        import torch.distributed as dist
+        flag = torch.tensor(self.signum or 0, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:

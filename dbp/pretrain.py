@@ -324,7 +324,7 @@ def _pretrain(spec: RunSpec, device: torch.device, rank: int, world: int) -> dic
                                    "cpu_seconds": clock.cpu_seconds}
             seg_loss = torch.tensor(part["loss_sum"], device=device)
             with clock.train():
-                while run.step < seg_end and not (signum := _stop_requested(stop, device, world)):
+                while run.step < seg_end and not (signum := stop.agreed(device, world)):
                     learner.set_lr(learning_rate(run.step, learner.peak_lr, cfg.warmup_steps, cfg.steps, cfg.min_lr))
                     seg_loss += learner.step([next(stream) for _ in range(cfg.accum_steps)])
                     run.step += 1
@@ -350,16 +350,6 @@ def _pretrain(spec: RunSpec, device: torch.device, rank: int, world: int) -> dic
     _say(lead, f"{spec.arm}/seed{spec.seed}: {status} at step {run.step}, val_loss "
                f"{run.rows[-1]['val_loss']:.4f}, train {clock.train_seconds:.1f}s")
     return info
-
-
-def _stop_requested(stop: StopSignals, device: torch.device, world: int) -> int:
-    """The signal that asked this run to stop (0: none); under DDP the ranks agree on it
-    before every step, so that all of them stop after the same one."""
-    if world == 1:
-        return stop.signum or 0
-    flag = torch.tensor(stop.signum or 0, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag)
 
 
 def _data(spec: RunSpec, image_size: int, manifest_out: Path | None) -> TrainData:

@@ -47,7 +47,8 @@ from dbp.export import check_export, read_export
 from dbp.clock import Clock
 from dbp.energy import EnergyMeter
 from dbp.provenance import provenance
-from dbp.records import atomic_write_json
+from dbp.interrupt import Interrupted, RunLock, StopSignals
+from dbp.records import atomic_write_json, atomic_write_text
 from dbp.seg_recipe import SegPreset, build_seg_config
 from dbp.subset import list_ade_stems, manifest_hash, read_manifest, sample_subset, write_manifest
 
@@ -155,6 +156,27 @@ class _ClockHook(Hook):
         for meter, state in zip(self.clock.meters, checkpoint["dbp_energy"]):
             meter.load_state_dict(state)
         self.resumed_from = checkpoint["meta"]["iter"]
+
+
+class _StopHook(Hook):
+    """SIGTERM or SIGINT (dbp.interrupt): after the iteration in progress, a checkpoint that
+    mmengine resumes from (`last_checkpoint` names it), then Interrupted. Without it a
+    preempted fine-tune would lose everything since its last scheduled checkpoint (the paper
+    recipe has one, at the end)."""
+
+    priority = "LOWEST"
+
+    def __init__(self, stop: StopSignals, device: torch.device, world: int) -> None:
+        self.stop, self.device, self.world = stop, device, world
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        if not (signum := self.stop.agreed(self.device, self.world)):
+            return
+        name = f"iter_{runner.iter + 1}.pth"
+        runner.save_checkpoint(runner.work_dir, name, by_epoch=False)
+        if is_main_process():
+            atomic_write_text(Path(runner.work_dir) / "last_checkpoint", str(Path(runner.work_dir) / name))
+        raise Interrupted(signum, str(runner.work_dir))
 
 
 class _LogStream(io.TextIOBase):
@@ -278,10 +300,17 @@ def finetune(out_dir: str | Path, *, recipe: SegPreset, pretrained: str | Path |
     A run already finished in `out_dir` with the same config and encoder is returned as is;
     an interrupted one resumes from its last checkpoint; state from another config or encoder
     is discarded. The pretrained file is checked (exists, mmseg loads every weight) before
-    anything is trained.
+    anything is trained. One process at a time works in `out_dir` (RunLock); SIGTERM or
+    SIGINT saves a checkpoint after the iteration in progress and raises Interrupted.
     """
-    out = Path(out_dir)
-    ade = Path(data_root)
+    with RunLock(Path(out_dir)) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+        return _finetune(Path(out_dir), recipe, pretrained, Path(data_root), seed, model_name, fraction,
+                         manifest, num_workers, energy, verbose, resolved_config)
+
+
+def _finetune(out: Path, recipe: SegPreset, pretrained: str | Path | None, ade: Path, seed: int,
+              model_name: str, fraction: float, manifest: str | Path | None, num_workers: int,
+              energy: Mapping[str, Any], verbose: bool, resolved_config: dict | None) -> dict[str, Any]:
     pre = pretrained_info(Path(pretrained) if pretrained is not None else None, model_name)
     out.mkdir(parents=True, exist_ok=True)
     stems = _train_stems(ade, out, fraction, seed, manifest)
@@ -319,14 +348,17 @@ def finetune(out_dir: str | Path, *, recipe: SegPreset, pretrained: str | Path |
         hook = _ClockHook(clock)
         runner.register_hook(hook)
         try:
-            with _to_log_file(runner.logger) if not verbose else contextlib.nullcontext():
+            with _to_log_file(runner.logger) if not verbose else contextlib.nullcontext(), \
+                    StopSignals() as stop:
+                runner.register_hook(_StopHook(stop, device, world))
                 runner.train()
                 if not hook.validated:  # resumed at the last iteration: killed while validating
                     runner.val()
         except BaseException as e:
             hook.close()
             if is_main_process():
-                atomic_write_json(out / "run.json", {**info, "status": "failed", "error": repr(e)})
+                status = "interrupted" if isinstance(e, Interrupted) else "failed"
+                atomic_write_json(out / "run.json", {**info, "status": status, "error": repr(e)})
             raise
     if not is_main_process():
         return {}

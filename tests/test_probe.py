@@ -88,7 +88,7 @@ def test_cli_probe_names_a_missing_encoder_in_one_line(ade, tmp_path):
                           "--out", str(tmp_path / "probe")], capture_output=True, text=True)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [f"dbp probe: pretrained encoder {tmp_path / 'missing.pth'} not found"]
-    assert not (tmp_path / "probe").exists()  # checked before any encoder was probed
+    assert not list((tmp_path / "probe").rglob("*.json"))  # checked before any encoder was probed
 
 
 def test_cli_probe_names_a_bad_config_key(tmp_path):

@@ -1,6 +1,8 @@
 """Segmentation fine-tuning: recipe and config builder, ADE-layout loader, Runner outputs,
 resume, determinism, checks."""
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ from dbp.config import ConfigError, load_config
 from dbp.datasets import ADESegDataset, read_class_names
 from dbp.embedded import ADE, make_embedded
 from dbp.export import ExportError, export_encoder
+from dbp.interrupt import Interrupted
 from dbp.seg_recipe import (SEG_PRESETS, build_seg_config, out_indices, resolve_recipe,
                             run_iterations)
 from dbp.segment import finetune
@@ -234,6 +237,32 @@ def test_resume_continues_from_the_last_checkpoint(ade, encoder, tmp_path, monke
     assert run["status"] == "finished" and run["resumed_from"] == 2 and m["iterations"] == 4
     log = next(Path(run["log_dir"]).glob("*.log")).read_text()
     assert "Iter(train) [1/4]" not in log and "Iter(train) [4/4]" in log  # only 3 and 4 ran
+
+
+def test_a_stop_signal_saves_the_fine_tune_and_it_resumes_there(ade, encoder, tmp_path, monkeypatch):
+    """Issue 24: SIGTERM lost a fine-tune back to its last scheduled checkpoint (the paper
+    recipe's is at the end). Now it saves after the iteration in progress and resumes there,
+    ending with an unbroken run's metrics."""
+    whole = _finetune(tmp_path / "whole", ade, encoder, iterations=4)
+    run_iter = IterBasedTrainLoop.run_iter
+
+    def signalled_in_iter_2(self, data_batch):
+        if self._iter == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        run_iter(self, data_batch)
+
+    monkeypatch.setattr(IterBasedTrainLoop, "run_iter", signalled_in_iter_2)
+    with pytest.raises(Interrupted) as stop:
+        _finetune(tmp_path / "cut", ade, encoder, iterations=4)
+    assert stop.value.code == 143
+    run = json.loads((tmp_path / "cut" / "run.json").read_text())
+    assert run["status"] == "interrupted" and not (tmp_path / "cut" / "metrics.json").exists()
+    assert (tmp_path / "cut" / "last_checkpoint").read_text() == str(tmp_path / "cut" / "iter_2.pth")
+    monkeypatch.setattr(IterBasedTrainLoop, "run_iter", run_iter)
+    m = _finetune(tmp_path / "cut", ade, encoder, iterations=4)
+    run = json.loads((tmp_path / "cut" / "run.json").read_text())
+    assert run["status"] == "finished" and run["resumed_from"] == 2 and m["iterations"] == 4
+    assert "resumed epoch: 0, iter: 2" in next(Path(run["log_dir"]).glob("*.log")).read_text()
 
 
 def test_resume_after_the_last_iteration_still_validates(ade, encoder, tmp_path, monkeypatch):
