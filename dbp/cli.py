@@ -307,8 +307,14 @@ def _cmd_reproduce(args) -> None:
 def _cmd_figures(args) -> None:
     from dbp.figures import write_figures
     study = args.study or Path(args.results).name
-    paths = write_figures(args.results, args.out or Path("paper_figures") / study, study)
-    print(f"{len(paths)} figure files in {args.out or Path('paper_figures') / study}")
+    out = args.out or Path("paper_figures") / study
+    if not Path(args.results).is_dir():
+        sys.exit(f"dbp figures: {args.results}: no such results folder")
+    try:
+        paths = write_figures(args.results, out, study)
+    except ValueError as e:  # a record that fails its check
+        sys.exit(f"dbp figures: {e}")
+    print(f"{len(paths)} figure files in {out}")
 
 
 def _cmd_gpus(args) -> None:
@@ -446,14 +452,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run a command; every anticipated error (config, data, files, permissions, devices, a
+    busy run folder, a stop signal) ends in one line naming the key or file and a non-zero
+    exit. DBP_TRACEBACK=1 shows the traceback of a file error instead."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except ConfigError as e:  # bad config, or an input file that fails its check
         kind = "config error: " if type(e) is ConfigError else ""
-        sys.exit(f"dbp {args.command}: {kind}{e}")
+        sys.exit(f"dbp {args.command}: {kind}{_own_message(e)}")
     except (FileExistsError, RunLocked) as e:  # another data set in the root; a busy run folder
         sys.exit(f"dbp {args.command}: {e}")
     except Interrupted as e:  # SIGTERM/SIGINT: state saved, exit 128 + the signal (retry)
         print(f"dbp {args.command}: {e}", file=sys.stderr, flush=True)
         sys.exit(e.code)
+    except OSError as e:  # a file or folder missing, unreadable or unwritable, a full disk
+        if os.environ.get("DBP_TRACEBACK"):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        sys.exit(f"dbp {args.command}: {where}{e.strerror or e}")
+
+
+def _own_message(e: Exception) -> str:
+    """An error's own message; one that a DataLoader re-raised from a worker process carries
+    the worker's traceback, whose last line is the original error."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    return text.rstrip().splitlines()[-1].split(": ", 1)[-1]

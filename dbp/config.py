@@ -37,6 +37,10 @@ class ConfigError(ValueError):
     """A configuration problem, with the dotted key (or file) it concerns."""
 
 
+class DataError(ConfigError):
+    """A data file (image, annotation, manifest) that fails its check: the message names it."""
+
+
 def _require(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dbp.config import DataError
 from dbp.embedded import make_embedded
 from dbp.subset import (list_images, manifest_hash, read_manifest, sample_subset, spread_sample,
                         write_manifest)
@@ -60,11 +61,11 @@ def prepare_pretrain_data(*, kind: str, root: str | Path, embedded_seed: int, fr
     train_paths = train_manifest(folder, fraction, seed, class_balanced, manifest)
     val_paths = spread_sample(list_images(folder, "val"), val_images)  # every class, fixed
     if not train_paths or not val_paths:
-        raise ValueError(f"{folder}: no images found under train/ or val/")
+        raise DataError(f"{folder}: no images found under train/ or val/")
     if on_error == "raise":
         bad = check_readable(folder, train_paths + val_paths)
         if bad:
-            raise ValueError(f"{len(bad)} unreadable image(s) under {folder}, e.g. {bad[:3]}; "
+            raise DataError(f"{len(bad)} unreadable image(s) under {folder}, e.g. {bad[:3]}; "
                              "fix them or set data.on_error: skip")
     if manifest_out is not None:
         write_manifest(manifest_out, train_paths)

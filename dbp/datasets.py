@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dbp.config import ConfigError
+from dbp.config import DataError
 from dbp.subset import ade_pair, list_ade_stems
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -134,7 +134,7 @@ class ImageFolderDataset(Dataset):
                 return self._load(j)
             except OSError as e:
                 if self.on_error == "raise":
-                    raise
+                    raise DataError(f"{e}; fix it or set data.on_error: skip") from None
                 self._bad[j] = 1
                 warnings.warn(f"skipping {e}", RuntimeWarning, stacklevel=3)
         raise OSError(f"no readable image among {len(self)} files under {self.root}")
@@ -152,10 +152,6 @@ class ImageFolderDataset(Dataset):
         if rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return normalise(img), index
-
-
-class DataError(ConfigError):
-    """A data file that fails its check: the message names the file(s), one line each."""
 
 
 IGNORE_LABEL = 255  # ADE's raw annotations: 0 unlabelled, 1..K the classes, 255 ignored

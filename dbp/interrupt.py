@@ -36,7 +36,9 @@ class Interrupted(Exception):
 class StopSignals:
     """Within `with StopSignals() as stop:`, SIGTERM and SIGINT set `stop.signum` instead of
     ending the process; the previous handlers come back on exit. In the main thread only
-    (elsewhere, e.g. a test runner's worker thread, signals keep their handlers)."""
+    (elsewhere, e.g. a test runner's worker thread, signals keep their handlers). A process
+    forked inside the block inherits the handler and takes the signal's default action, as
+    it would have without it (loader workers ignore the signals: `ignore_stop_signals`)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -44,7 +46,9 @@ class StopSignals:
         self._pid = os.getpid()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if os.getpid() != self._pid:  # a forked loader worker inherited the handler: not its to act on
+        if os.getpid() != self._pid:  # a forked loader worker: the default action, as without us
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
             return
         if self.signum is None:
             print(f"[stop] {signal.Signals(signum).name}: finishing the step, then saving",
@@ -75,9 +79,11 @@ class StopSignals:
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """A DataLoader worker's init: leave SIGTERM/SIGINT to the main process, which stops
-    between steps and then shuts the workers down (a worker killed by the signal would abort
-    the step in progress)."""
+    """A DataLoader worker's init: SLURM signals every process of a job, and a worker killed by
+    it makes PyTorch's SIGCHLD handler raise in the main thread wherever it is (mid-step,
+    mid-save). Workers leave SIGTERM/SIGINT to the main process, which stops between steps;
+    they end when their loader is closed (the caller must close it: `closing(micro_batches(...))`)
+    or when the main process is gone."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 

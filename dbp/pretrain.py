@@ -64,6 +64,7 @@ def learning_rate(step: int, peak: float, warmup: int, total: int, floor: float)
 def micro_batches(data: TrainData, seed: int, start: int, batch: int, rank: int, world: int,
                   workers: int, pin: bool, num_patches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The images and mask noise of micro-batch m = `start`, `start` + 1, ..., forever.
+    Close it when done (`contextlib.closing`): that shuts its loader workers down.
 
     Epoch e visits the subset in the order permutation(seed, e); every rank takes its slice
     of each global batch; the masks come from (seed, m, rank). Position m fixes everything,
@@ -80,12 +81,24 @@ def micro_batches(data: TrainData, seed: int, start: int, batch: int, rank: int,
         batches = [order[(b * world + rank) * batch:(b * world + rank + 1) * batch].tolist()
                    for b in range(pos, per_epoch)]
         data.train.set_epoch(epoch, seed)
-        loader = DataLoader(data.train, batch_sampler=batches, num_workers=workers, pin_memory=pin,
-                            persistent_workers=False, worker_init_fn=ignore_stop_signals)
-        for imgs, _ in loader:
-            gen = torch.Generator().manual_seed(_seed_int(seed, m, rank))
-            yield imgs, mask_noise(imgs.shape[0], num_patches, gen)
-            m += 1
+        loader = iter(DataLoader(data.train, batch_sampler=batches, num_workers=workers, pin_memory=pin,
+                                 persistent_workers=False, worker_init_fn=ignore_stop_signals))
+        try:
+            for imgs, _ in loader:
+                gen = torch.Generator().manual_seed(_seed_int(seed, m, rank))
+                yield imgs, mask_noise(imgs.shape[0], num_patches, gen)
+                m += 1
+        finally:
+            _close_loader(loader)
+
+
+def _close_loader(loader: Iterator) -> None:
+    """Shut a DataLoader iterator's workers down now, as its __del__ would: an error keeps the
+    iterator alive in its traceback until exit, and then its workers, which leave SIGTERM to
+    the main process (dbp.interrupt.ignore_stop_signals), would hold the process open."""
+    shutdown = getattr(loader, "_shutdown_workers", None)  # none for num_workers = 0
+    if shutdown is not None:
+        shutdown()
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -132,15 +145,15 @@ def _matching_checkpoint(out: Path, digest: str, device: torch.device, lead: boo
     try:
         state = safe_load(path, device, what="pre-training checkpoint")
         old = state.get("run_digest") or "none"
+        why = f"was made with a different config (digest {old[:12]} != {digest[:12]})"
     except UnsafeCheckpointError:  # never unpickled, and kept for inspection
         raise
-    except Exception:  # noqa: BLE001 - truncated, foreign or from older code: start over
-        state, old = None, "unreadable"
+    except Exception as e:  # noqa: BLE001 - truncated, foreign or from older code: start over
+        state, old, why = None, "unreadable", f"is unreadable, not a checkpoint or cut short ({type(e).__name__})"
     if old == digest:
         return state
     if lead:
-        print(f"[pretrain] {path} was made with a different config (digest {old[:12]} != "
-              f"{digest[:12]}): starting over", flush=True)
+        print(f"[pretrain] {path} {why}: starting over", flush=True)
         for name in ("checkpoint.pt", "final.pt", "metrics.csv"):
             (out / name).unlink(missing_ok=True)
     return None
@@ -316,7 +329,7 @@ def _pretrain(spec: RunSpec, device: torch.device, rank: int, world: int) -> dic
             atomic_write_json(out / "run.json", info)
 
     status = "finished"
-    with StopSignals() as stop:
+    with StopSignals() as stop, contextlib.closing(stream):
         while run.step < cfg.steps:
             seg_start = run.step // cfg.eval_every * cfg.eval_every  # a resumed segment started before
             seg_end = min(cfg.steps, seg_start + cfg.eval_every)

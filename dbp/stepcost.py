@@ -12,6 +12,8 @@ CPU seconds per turn; `dbp.analysis.round_ratios` summarises them (no torch need
 """
 from __future__ import annotations
 
+import contextlib
+
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -79,10 +81,11 @@ def measure_arms(arms: Mapping[str, PretrainConfig], dbp: DBPConfig, data_cfg, s
             on_error=data_cfg.on_error, val_images=1, image_size=lr.model.patch_embed.img_size[0],
             seed=seed, cache_images=data_cfg.cache_images, manifest=manifest, manifest_out=None)
     steps = {name: lr.dbp_cfg.every if lr.dbp_cfg else 1 for name, lr in learners.items()}
-    turns = {name: learner_turn(lr, micro_batches(
-        data(lr), seed, 0, lr.batch_size, rank, world, data_cfg.num_workers,
-        device.type == "cuda", lr.model.num_patches), steps[name]) for name, lr in learners.items()}
-    bar = tqdm(total=rounds, desc="step cost", unit="round", disable=not progress)
-    rows = interleave(turns, rounds, warmup, seed, steps, on_round=lambda r: bar.update(1))
-    bar.close()
+    with contextlib.ExitStack() as streams:  # closed, their loader workers end (micro_batches)
+        turns = {name: learner_turn(lr, streams.enter_context(contextlib.closing(micro_batches(
+            data(lr), seed, 0, lr.batch_size, rank, world, data_cfg.num_workers,
+            device.type == "cuda", lr.model.num_patches))), steps[name]) for name, lr in learners.items()}
+        bar = tqdm(total=rounds, desc="step cost", unit="round", disable=not progress)
+        rows = interleave(turns, rounds, warmup, seed, steps, on_round=lambda r: bar.update(1))
+        bar.close()
     return rows

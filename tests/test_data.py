@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from dbp import embedded
+from dbp.config import DataError
 from dbp.datasets import (IMAGENET_MEAN, IMAGENET_STD, ADESegDataset, ImageFolderDataset,
                           check_readable)
 from dbp.data import prepare_pretrain_data
@@ -287,7 +288,7 @@ def test_corrupt_image_raise_or_skip(tiny, tmp_path):
     (tmp_path / rel[1]).write_bytes(b"not a jpeg at all" * 10)
     missing = "imagenet/val/missing.JPEG"
     assert check_readable(tmp_path, rel + [missing]) == [rel[1], missing]
-    with pytest.raises(OSError, match=re.escape(str(tmp_path / rel[1]))):
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / rel[1]))):
         ImageFolderDataset(tmp_path, rel, 16, train=False)[1]
     ds = ImageFolderDataset(tmp_path, rel, 16, train=False, on_error="skip")
     with pytest.warns(RuntimeWarning, match=re.escape(rel[1])):
