@@ -116,7 +116,8 @@ def test_sweep_runs_on_the_tuning_seeds(tmp_path):
     assert dbp["pretrain"] == 3 * 2 * 2 * 2  # decor_lr x kappa x frac, on both tuning seeds, a job each
 
 
-def test_paper_dry_run_with_fake_imagenet_and_ade20k(tmp_path):
+def _fake_paper_data(tmp_path) -> Path:
+    """Empty ImageNet and ADE20K folders of the right shape, and a config naming them."""
     for split in ("train", "val"):
         (tmp_path / "imagenet" / split / "n01440764").mkdir(parents=True)
     (tmp_path / "ade").mkdir()
@@ -124,6 +125,11 @@ def test_paper_dry_run_with_fake_imagenet_and_ade20k(tmp_path):
     paths = tmp_path / "paths.yaml"
     paths.write_text(yaml.safe_dump({"data": {"root": str(tmp_path / "imagenet")},
                                      "finetune": {"root": str(tmp_path / "ade")}}))
+    return paths
+
+
+def test_paper_dry_run_with_fake_imagenet_and_ade20k(tmp_path):
+    paths = _fake_paper_data(tmp_path)
     jobs = _dry_run_jobs(tmp_path, "--configfile", _config("paper.yaml"), str(paths))
     # every registered arm: BP on 6 scored + 5 target seeds, 6 more arms on 6; the 6 tuned arms
     # (all but identity) get the ladder (2 scales x 6 seeds), 3 LRs x 2 tuning seeds x 2 (the numerics
@@ -132,6 +138,38 @@ def test_paper_dry_run_with_fake_imagenet_and_ade20k(tmp_path):
     assert jobs == {"all": 1, "study_config": 1, "subset_manifest": 13,
                     "pretrain": 11 + 6 * 6 + 6 * 12 + 6 * 3 * 2 * 2 + 6, "select": 1, "stepcost": 1,
                     "equal_compute": 1, "probe": 6, "finetune": 7 * 3, "summarize": 1, "figures": 1}
+
+
+def _job_resources(text: str) -> dict[str, set[tuple]]:
+    """Rule -> the distinct (gpu, runtime, mem_mb, cpus_per_task) of its jobs in a dry run."""
+    found: dict[str, set[tuple]] = {}
+    for block in text.split("\nrule ")[1:]:
+        rule = block.split(":", 1)[0].strip()
+        res = dict(re.findall(r"(\w+)=([^,\s]+)", next(line for line in block.splitlines() if "resources:" in line)))
+        found.setdefault(rule, set()).add(tuple(res.get(k) for k in ("gpu", "runtime", "mem_mb", "cpus_per_task")))
+    return found
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_slurm_profile_resources_reach_every_training_job(tmp_path, group):
+    """Issue 25: under --profile profiles/slurm every pre-training and fine-tuning job went out
+    with gpu=0, 60 minutes and 4 GB: the automatically applied workflow profile's
+    set-resources replaced the SLURM profile's. Now each rule gets exactly what the SLURM
+    profile gives it, grouped or not."""
+    paths = _fake_paper_data(tmp_path)
+    grouping = tmp_path / "group.yaml"
+    grouping.write_text(yaml.safe_dump({"jobs": {"group_runs": group}}))
+    text = _snakemake(tmp_path, "-n", "--profile", str(REPO / "profiles" / "slurm"),
+                      "--configfile", _config("paper.yaml"), str(paths), str(grouping)).stdout
+    prof = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())["set-resources"]
+    jobs = _job_resources(text)
+    training = ["pretrain_scored", "pretrain_trials", "pretrain_target", "pretrain_downstream"] if group else ["pretrain"]
+    for rule in [*training, "finetune", "probe", "stepcost"]:
+        want = prof[rule]
+        assert jobs[rule] == {(str(want["gpu"]), str(want["runtime"]), str(want["mem_mb"]),
+                               str(want["cpus_per_task"]))}, rule
+        assert want["gpu"] >= 1
+    assert "pretrain" not in jobs if group else not any(r.startswith("pretrain_") for r in jobs)
 
 
 @pytest.mark.parametrize("name", ["x$(touch pwned)", "two words", "../..", "/abs/path", "a;b", ""])
