@@ -6,18 +6,20 @@ import os
 
 from snakemake.utils import validate
 
-from dbp.config import ConfigError, config_from_dict
+from dbp.config import ConfigError, config_from_dict, with_base
 
 
-configfile: f"{workflow.basedir}/configs/default.yaml"
 report: "workflow/report/workflow.rst"
 
 
 try:  # key names, types, ranges, folders, sweep points: one line naming the bad key
-    STUDY = config_from_dict(config)
+    if not workflow.config_settings.configfiles:  # no study named: the embedded default
+        config.setdefault("base", "default")
+    RAW = with_base(config)  # the study over the base it names (none: the typed defaults), as `dbp config` does
+    STUDY = config_from_dict(RAW)
 except ConfigError as e:
     raise WorkflowError(f"config error: {e}")
-validate(config, f"{workflow.basedir}/workflow/schemas/study.schema.yaml")  # the same types and ranges
+validate(RAW, f"{workflow.basedir}/workflow/schemas/study.schema.yaml")  # the same types and ranges
 
 RESULTS = f"results/{STUDY.name}"
 os.environ.update(STUDY.reproduce.env)  # a reproduction's kernel switches, for every job it starts

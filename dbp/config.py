@@ -609,24 +609,45 @@ def _merge(base: dict, over: dict) -> dict:
     return merged
 
 
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the studies a `base:` names
+
+
+def read_study_file(path: str | Path) -> dict[str, Any]:
+    """One study YAML file as a mapping (not yet merged with its base or validated)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = ("not UTF-8 text" if isinstance(e, UnicodeDecodeError)
+                   else getattr(e, "problem", None) or str(e).splitlines()[0])
+        raise ConfigError(f"{p}: not valid YAML{at}: {problem}") from None
+    _require(isinstance(raw, dict), str(p), f"top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def with_base(raw: dict[str, Any], seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A study mapping over the study its `base:` names, recursively: a name is a study of
+    configs/ (`base: default`), anything else a YAML path. No `base:`, no inheritance: the
+    typed defaults of this module fill what the file leaves out, so a study never takes
+    another study's settings without saying so."""
+    if raw.get("base") is None:
+        return {k: v for k, v in raw.items() if k != "base"}
+    base = str(raw["base"])
+    path = Path(base) if ("/" in base or base.endswith((".yaml", ".yml"))) else CONFIG_DIR / f"{base}.yaml"
+    _require(path.resolve() not in seen, "base", f"{path} is its own base (a circle)")
+    under = with_base(read_study_file(path), (*seen, path.resolve()))
+    return _merge(under, {k: v for k, v in raw.items() if k != "base"})
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> StudyConfig:
-    """Read, merge overrides into, type-check and validate a study config."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            where = getattr(e, "problem_mark", None)
-            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-            problem = ("not UTF-8 text" if isinstance(e, UnicodeDecodeError)
-                       else getattr(e, "problem", None) or str(e).splitlines()[0])
-            raise ConfigError(f"{p}: not valid YAML{at}: {problem}") from None
-        _require(isinstance(raw, dict), str(p),
-                 f"top level must be a mapping of sections, got {type(raw).__name__}")
-    return config_from_dict(_merge(raw, parse_overrides(overrides or [])))
+    """Read a study file, put it over its base, merge overrides into it, type-check and
+    validate: the config the study's jobs read (the Snakefile resolves it the same way)."""
+    raw = read_study_file(path) if path is not None else {}
+    return config_from_dict(with_base(_merge(raw, parse_overrides(overrides or []))))
 
 
 def config_from_dict(raw: dict[str, Any]) -> StudyConfig:

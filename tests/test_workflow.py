@@ -357,3 +357,37 @@ def test_smoke_study_runs_end_to_end_and_is_then_up_to_date(tmp_path):
     assert len(tables) == 1 and b"Wall-clock to target, budget curve (primary)" in files[tables[0]]
     assert {"budget_curves.png", "time_to_target.png"} <= {Path(n).name for n in files}
     assert any(b"the side-by-side step-cost" in b for n, b in files.items() if n.endswith((".html", ".js")))
+
+
+@pytest.mark.parametrize("study", ["default", "smoke", "paper"])
+def test_dbp_config_prints_the_config_the_jobs_read(tmp_path, study):
+    """Issue 25: the Snakefile merged every study over configs/default.yaml (the paper study
+    took the CPU study's decoded-image cache, probe steps and step-cost rounds), so `dbp
+    config` showed another config than the jobs read. Now a study is complete or names its
+    base, and both resolve it the same way: the study's written config equals `dbp config`."""
+    files, sets = ([], []) if study == "default" else ([_config(f"{study}.yaml")], [])
+    if study == "paper":
+        files.append(str(_fake_paper_data(tmp_path)))
+        sets = ["--set", f"data.root={tmp_path / 'imagenet'}", "--set", f"finetune.root={tmp_path / 'ade'}"]
+    _snakemake(tmp_path, *(["--configfile", *files] if files else []), "--", f"results/{study}/config.yaml")
+    printed = subprocess.run([sys.executable, "-m", "dbp", "config", "--config", _config(f"{study}.yaml"), *sets],
+                             capture_output=True, text=True, check=True).stdout
+    assert (tmp_path / "results" / study / "config.yaml").read_text() == printed
+    if study == "paper":  # what it used to inherit from the CPU study
+        cfg = yaml.safe_load(printed)
+        assert cfg["data"]["cache_images"] is False and cfg["probe"]["steps"] == 1000
+
+
+def test_a_base_names_what_a_study_inherits(tmp_path):
+    from dbp.config import ConfigError, load_config
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({"base": "smoke", "name": "child", "pretrain": {"steps": 30}}))
+    cfg = load_config(child)
+    assert cfg.pretrain.steps == 30 and cfg.pretrain.batch_size == 16 and cfg.arms == ("bp", "dbp")  # smoke's
+    assert cfg.seeds.target == (100,) and cfg.tuning.tolerance == load_config(_config("default.yaml")).tuning.tolerance
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(yaml.safe_dump({"base": str(loop)}))
+    with pytest.raises(ConfigError, match="is its own base"):
+        load_config(loop)
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(None, ["base=nope"])
