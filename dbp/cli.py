@@ -324,7 +324,7 @@ def _cmd_gpus(args) -> None:
         raise ConfigError("no command to run: dbp gpus N -- COMMAND ...")
     try:
         sys.exit(run_on_gpus(args.n, cmd))
-    except (RuntimeError, ValueError, OSError) as e:  # no such GPUs, no such command
+    except (RuntimeError, ValueError) as e:  # no such GPUs (no such command: an OSError, as in main)
         sys.exit(f"dbp gpus: {e}")
 
 

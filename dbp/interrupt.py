@@ -89,13 +89,17 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
 
 
 class RunLock:
-    """An exclusive lock on `folder`/.lock while the run works there (see module docstring)."""
+    """An exclusive lock on `folder`/.lock while the run works there (see module docstring);
+    taken by the lead process only (`lead`: rank 0; the other ranks of a DDP run share it)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, lead: bool = True) -> None:
         self.path = Path(folder) / ".lock"
+        self.lead = lead
         self._file = None
 
     def __enter__(self) -> RunLock:
+        if not self.lead:
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+")
         try:

@@ -267,7 +267,7 @@ def pretrain(spec: RunSpec) -> dict:
     One process at a time works in a run folder (RunLock, held by the lead rank).
     """
     device, rank, world = setup_device()
-    with RunLock(spec.out) if rank == 0 else contextlib.nullcontext():
+    with RunLock(spec.out, lead=rank == 0):
         return _pretrain(spec, device, rank, world)
 
 
@@ -336,6 +336,7 @@ def _pretrain(spec: RunSpec, device: torch.device, rank: int, world: int) -> dic
             part = run.partial or {"loss_sum": 0.0, "train_seconds": clock.train_seconds,
                                    "cpu_seconds": clock.cpu_seconds}
             seg_loss = torch.tensor(part["loss_sum"], device=device)
+            signum = 0
             with clock.train():
                 while run.step < seg_end and not (signum := stop.agreed(device, world)):
                     learner.set_lr(learning_rate(run.step, learner.peak_lr, cfg.warmup_steps, cfg.steps, cfg.min_lr))

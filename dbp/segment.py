@@ -303,7 +303,7 @@ def finetune(out_dir: str | Path, *, recipe: SegPreset, pretrained: str | Path |
     anything is trained. One process at a time works in `out_dir` (RunLock); SIGTERM or
     SIGINT saves a checkpoint after the iteration in progress and raises Interrupted.
     """
-    with RunLock(Path(out_dir)) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+    with RunLock(Path(out_dir), lead=int(os.environ.get("RANK", "0")) == 0):
         return _finetune(Path(out_dir), recipe, pretrained, Path(data_root), seed, model_name, fraction,
                          manifest, num_workers, energy, verbose, resolved_config)
 
